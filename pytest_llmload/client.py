@@ -1,0 +1,679 @@
+"""Streaming clients: one timing record per request.
+
+Two transports (DESIGN.md, "Transports"):
+
+- ``sse``: a lean aiohttp reader for OpenAI-compatible endpoints. It timestamps every read as its
+  bytes arrive, before any parsing, and does per chunk only what it must (split SSE lines, decode
+  JSON, look at the delta). Token counting happens once per request, after the stream ends.
+- ``litellm``: ``litellm.acompletion(stream=True)`` for providers that don't speak the OpenAI wire
+  format. Imported only when such a request is made, with its offline switch and no retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from array import array
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .records import NS, TOKENS_CHUNKS, TOKENS_TOKENIZER, TOKENS_USAGE, RequestRecord
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from .tokens import Tokenizer
+
+TRANSPORT_SSE = "sse"
+TRANSPORT_LITELLM = "litellm"
+
+#: litellm providers that speak the OpenAI wire format at their base URL: streamed by the lean
+#: reader. Everything else goes through litellm.
+OPENAI_COMPATIBLE = frozenset(
+    {
+        "openai", "hosted_vllm", "litellm_proxy", "text-completion-openai", "lm_studio",
+        "llamafile", "deepseek", "together_ai", "fireworks_ai", "groq", "openrouter", "xai",
+        "deepinfra", "nvidia_nim", "sambanova", "cerebras", "perplexity", "mistral",
+        "custom_openai", "openai_like",
+    }
+)
+
+#: Error types (``RequestRecord.error_type``) besides ``http_<status>``.
+ERR_CONNECT = "connect"
+ERR_DNS = "dns"
+ERR_TIMEOUT = "timeout"
+ERR_DISCONNECT = "disconnect"
+ERR_PROTOCOL = "protocol"
+ERR_SERVER = "server_error"
+ERR_EMPTY = "empty"
+ERR_CANCELLED = "cancelled"
+
+_MAX_MESSAGE = 500
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where requests go. ``model`` is a litellm model string (``openai/x``, ``hosted_vllm/x``,
+    ``anthropic/x`` ...) or ``mock``. The key never appears in repr, str or any report."""
+
+    model: str
+    api_base: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    transport: str = "auto"
+
+    def __repr__(self) -> str:
+        key = "***" if self.api_key else None
+        return (
+            f"Endpoint(model={self.model!r}, api_base={self.api_base!r}, api_key={key!r}, "
+            f"transport={self.transport!r})"
+        )
+
+    __str__ = __repr__
+
+    @property
+    def provider(self) -> str:
+        return self.model.split("/", 1)[0] if "/" in self.model else "openai"
+
+    @property
+    def wire_model(self) -> str:
+        """The model name sent on the wire: the litellm string without its provider prefix."""
+        if "/" in self.model and self.provider in OPENAI_COMPATIBLE:
+            return self.model.split("/", 1)[1]
+        return self.model
+
+    def resolved_transport(self) -> str:
+        if self.transport != "auto":
+            return self.transport
+        if self.provider in OPENAI_COMPATIBLE and (
+            self.api_base is not None or self.provider == "openai"
+        ):
+            return TRANSPORT_SSE
+        if self.provider in OPENAI_COMPATIBLE:
+            return TRANSPORT_SSE  # base URL comes from litellm's provider table
+        return TRANSPORT_LITELLM
+
+
+class StreamError(Exception):
+    """A failed streaming request. Its record is already in the sink, marked failed."""
+
+    def __init__(self, record: RequestRecord) -> None:
+        self.record = record
+        self.error_type = record.error_type or "error"
+        super().__init__(f"{self.error_type}: {record.error}")
+
+
+@dataclass
+class StreamResult:
+    """What ``llm.stream``/``llm.astream`` return."""
+
+    text: str
+    record: RequestRecord
+    reasoning: str = ""
+    usage: dict[str, Any] | None = None
+    finish_reason: str | None = None
+
+    @property
+    def output_tokens(self) -> int:
+        return self.record.output_tokens
+
+    @property
+    def ttft(self) -> float | None:
+        return self.record.ttft
+
+    @property
+    def e2e(self) -> float | None:
+        return self.record.e2e
+
+    @property
+    def tpot(self) -> float | None:
+        return self.record.tpot
+
+    @property
+    def itl(self) -> list[float]:
+        return self.record.itl()
+
+    @property
+    def timings(self) -> dict[str, Any]:
+        r = self.record
+        return {
+            "ttft": r.ttft, "e2e": r.e2e, "tpot": r.tpot, "schedule_lag": r.schedule_lag,
+            "chunks": [(t - r.start_ns) / NS for t in r.chunk_ns],
+        }
+
+
+def to_messages(messages_or_prompt: str | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    if isinstance(messages_or_prompt, str):
+        return [{"role": "user", "content": messages_or_prompt}]
+    return [dict(m) for m in messages_or_prompt]
+
+
+def _redact(text: str, secret: str | None) -> str:
+    if secret:
+        text = text.replace(secret, "***")
+    return text
+
+
+def _short(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
+
+
+def _http_message(status: int, body: bytes) -> str:
+    """The server's own message from an OpenAI-style error body, else the body's text."""
+    text = body.decode("utf-8", "replace")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return _short(text) or f"HTTP {status}"
+    if isinstance(data, dict):
+        err = data.get("error", data)
+        if isinstance(err, dict) and err.get("message"):
+            return _short(str(err["message"]))
+        if isinstance(err, str):
+            return _short(err)
+        if isinstance(data.get("detail"), str):
+            return _short(data["detail"])
+    return _short(text)
+
+
+class _Stream:
+    """Per-request parsing state of the lean SSE reader."""
+
+    __slots__ = ("deltas", "text", "reasoning", "usage", "finish_reason", "done", "response_id",
+                 "buf", "record")
+
+    def __init__(self, record: RequestRecord) -> None:
+        self.record = record
+        self.deltas: list[str] = []
+        self.text: list[str] = []
+        self.reasoning: list[str] = []
+        self.usage: dict[str, Any] | None = None
+        self.finish_reason: str | None = None
+        self.done = False
+        self.response_id: str | None = None
+        self.buf = b""
+
+    def feed(self, data: bytes, t: int) -> None:
+        """Consume bytes that arrived at ``t``; every complete line is handled now."""
+        buf = self.buf + data if self.buf else data
+        start = 0
+        while True:
+            nl = buf.find(b"\n", start)
+            if nl < 0:
+                break
+            line = buf[start:nl]
+            start = nl + 1
+            if line.startswith(b"data:"):
+                self._data(line[5:].strip(), t)
+            elif not line.strip() or line.startswith(b":"):
+                continue
+            elif line.startswith((b"event:", b"id:", b"retry:")):
+                continue
+            else:
+                raise _ProtocolError(f"malformed SSE line: {_short(line.decode('utf-8', 'replace'))}")
+        self.buf = buf[start:]
+
+    def end(self, t: int) -> None:
+        if self.buf.strip():
+            self.feed(b"\n", t)
+
+    def _data(self, payload: bytes, t: int) -> None:
+        if payload == b"[DONE]":
+            self.done = True
+            return
+        try:
+            obj = json.loads(payload)
+        except ValueError:
+            raise _ProtocolError(
+                f"invalid JSON in a data line: {_short(payload.decode('utf-8', 'replace'))}"
+            ) from None
+        if not isinstance(obj, dict):
+            raise _ProtocolError(f"unexpected data line: {_short(str(obj))}")
+        if "error" in obj:
+            err = obj["error"]
+            msg = err.get("message") if isinstance(err, dict) else err
+            raise _ServerError(_short(str(msg)))
+        if self.response_id is None:
+            self.response_id = obj.get("id")
+        usage = obj.get("usage")
+        if usage:
+            self.usage = usage
+        choices = obj.get("choices")
+        if not choices:
+            return
+        choice = choices[0]
+        if choice.get("finish_reason"):
+            self.finish_reason = choice["finish_reason"]
+        delta = choice.get("delta")
+        if delta is None:  # /v1/completions
+            text = choice.get("text") or ""
+            reasoning = ""
+        else:
+            text = delta.get("content") or ""
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
+            if not text and not reasoning and delta.get("tool_calls"):
+                text = _tool_call_text(delta["tool_calls"])
+        if text or reasoning:
+            rec = self.record
+            rec.chunk_ns.append(t)
+            rec.chunk_tokens.append(1)
+            self.deltas.append(text + reasoning)
+            self.text.append(text)
+            self.reasoning.append(reasoning)
+
+    @property
+    def complete(self) -> bool:
+        """A stream is whole when it said [DONE], or ended with a finish reason or usage
+        (transformers serve ends with its usage chunk and no [DONE])."""
+        return self.done or self.finish_reason is not None or self.usage is not None
+
+
+def _tool_call_text(calls: Any) -> str:
+    out = []
+    for c in calls if isinstance(calls, list) else []:
+        fn = c.get("function") if isinstance(c, dict) else None
+        if isinstance(fn, dict):
+            out.append((fn.get("name") or "") + (fn.get("arguments") or ""))
+    return "".join(out)
+
+
+class _ProtocolError(Exception):
+    pass
+
+
+class _ServerError(Exception):
+    pass
+
+
+def finish_tokens(
+    record: RequestRecord,
+    deltas: Sequence[str],
+    usage: Mapping[str, Any] | None,
+    tokenizer: Tokenizer | None,
+) -> None:
+    """Set output tokens and per-chunk token counts, once per request, after the stream.
+
+    The server's usage is the count when it reports one; per-chunk counts (for per-token ITL)
+    come from the tokenizer only when chunks carry more than one token each."""
+    n_chunks = len(record.chunk_ns)
+    reported = None
+    if usage is not None:
+        ct = usage.get("completion_tokens")
+        if isinstance(ct, int) and ct >= 0:
+            reported = ct
+    if reported is not None:
+        record.output_tokens = reported
+        record.tokens_source = TOKENS_USAGE
+        if reported == n_chunks or n_chunks == 0:
+            return
+        if tokenizer is not None:
+            record.chunk_tokens = array("l", (max(1, c) for c in tokenizer.count_many(deltas)))
+            return
+        # No tokenizer: spread the reported total evenly over the chunks (exact when the server
+        # packs a fixed number of tokens per chunk).
+        base, extra = divmod(reported, n_chunks)
+        if base == 0:
+            return  # fewer tokens than chunks: one each is the best we know
+        record.chunk_tokens = array(
+            "l", (base + (1 if i >= n_chunks - extra else 0) for i in range(n_chunks))
+        )
+        return
+    if tokenizer is not None and n_chunks:
+        counts = tokenizer.count_many(deltas)
+        record.output_tokens = sum(counts)
+        record.chunk_tokens = array("l", (max(1, c) for c in counts))
+        record.tokens_source = TOKENS_TOKENIZER
+        return
+    record.output_tokens = n_chunks
+    record.tokens_source = TOKENS_CHUNKS
+
+
+class LLMClient:
+    """Sends streaming chat requests and records their timings. One per endpoint per event loop."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        *,
+        tokenizer: Tokenizer | None = None,
+        timeout: float = 60.0,
+        max_tokens: int | None = None,
+        sink: Callable[[RequestRecord], None] | None = None,
+        worker: str | None = None,
+        extra_body: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.tokenizer = tokenizer
+        self.timeout = timeout
+        self.max_tokens = max_tokens
+        self.sink = sink
+        self.worker = worker
+        self.extra_body = dict(extra_body or {})
+        self.transport = endpoint.resolved_transport()
+        self._session: aiohttp.ClientSession | None = None
+        self._url: str | None = None
+        self._headers: dict[str, str] = {}
+        self._warm = False
+        self._warm_lock: asyncio.Lock | None = None
+
+    # -- set-up ----------------------------------------------------------------------------
+
+    def _resolve_sse(self) -> None:
+        ep = self.endpoint
+        base = ep.api_base
+        key = ep.api_key
+        if base is None and ep.provider == "openai":
+            base = os.environ.get("OPENAI_BASE_URL") or os.environ.get("OPENAI_API_BASE") or (
+                "https://api.openai.com/v1"
+            )
+        if base is None or key is None:
+            # litellm's provider table knows the base URL and the key's environment variable.
+            litellm = import_litellm()
+            _, _, dyn_key, dyn_base = litellm.get_llm_provider(ep.model)
+            base = base or dyn_base
+            key = key or dyn_key
+        if base is None:
+            raise ValueError(f"no base URL is known for model {ep.model!r}: give --llm-api-base.")
+        if key is None and ep.provider == "openai":
+            key = os.environ.get("OPENAI_API_KEY")
+        self._url = base.rstrip("/") + "/chat/completions"
+        self._headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        if key:
+            self._headers["Authorization"] = f"Bearer {key}"
+        self._secret = key
+
+    async def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            import aiohttp
+
+            self._resolve_sse()
+            connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=min(self.timeout, 10.0)),
+                auto_decompress=False,
+            )
+        return self._session
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def warmup(self) -> None:
+        """One uncounted request: connection set-up and lazy imports happen here, not in the first
+        measured request. Safe to call many times and concurrently; only the first sends."""
+        if self._warm:
+            return
+        if self._warm_lock is None:
+            self._warm_lock = asyncio.Lock()
+        async with self._warm_lock:
+            if self._warm:
+                return
+            sink, self.sink = self.sink, None
+            try:
+                await self.astream("Say hi.", max_tokens=4, _warmup=True)
+            except StreamError:
+                pass  # the endpoint's errors show up, counted, in the real requests
+            finally:
+                self.sink = sink
+                self._warm = True
+
+    # -- requests --------------------------------------------------------------------------
+
+    def build_payload(
+        self, messages: list[dict[str, Any]], kwargs: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        payload: dict[str, Any] = {"model": self.endpoint.wire_model, "messages": messages}
+        if self.max_tokens is not None:
+            payload["max_tokens"] = self.max_tokens
+        payload["stream"] = True
+        payload["stream_options"] = {"include_usage": True}
+        payload.update(self.extra_body)
+        payload.update(kwargs)
+        return payload
+
+    async def astream(
+        self,
+        messages_or_prompt: str | Sequence[Mapping[str, Any]],
+        *,
+        image: Any = None,
+        intended_start_ns: int | None = None,
+        _warmup: bool = False,
+        **kwargs: Any,
+    ) -> StreamResult:
+        """Send one streaming request; return its result, or raise StreamError after recording it
+        as failed. Everything that is not the request itself (payload, image encoding, warm-up)
+        happens before the clock starts."""
+        if not _warmup and not self._warm:
+            await self.warmup()
+        messages = to_messages(messages_or_prompt)
+        image_meta = None
+        if image is not None:
+            from .images import image_part, with_image
+
+            part, image_meta = image_part(image)
+            messages = with_image(messages, part)
+        payload = self.build_payload(messages, kwargs)
+        record = RequestRecord(
+            intended_start_ns=intended_start_ns,
+            transport=self.transport,
+            worker=self.worker,
+            image=image_meta,
+        )
+        if self.transport == TRANSPORT_LITELLM:
+            result = await self._run(self._litellm_stream, payload, record)
+        else:
+            result = await self._run(self._sse_stream, payload, record)
+        return result
+
+    async def _run(
+        self,
+        fn: Callable[[dict[str, Any], RequestRecord], Any],
+        payload: dict[str, Any],
+        record: RequestRecord,
+    ) -> StreamResult:
+        state: list[Any] = []
+        try:
+            result: StreamResult = await asyncio.wait_for(fn(payload, record), self.timeout)
+            state.append(result)
+        except asyncio.TimeoutError:
+            self._fail(record, ERR_TIMEOUT, f"no complete response within {self.timeout:g} s")
+        except asyncio.CancelledError:
+            self._fail(record, ERR_CANCELLED, "cancelled before the response completed")
+            record.interrupted = True
+            self._emit(record)
+            raise
+        except _RequestFailed:
+            pass  # already marked
+        except Exception as exc:  # the transport's own failures, classified
+            self._fail(record, *self._classify(exc))
+        if record.end_ns is None:
+            record.end_ns = time.perf_counter_ns()
+        self._emit(record)
+        if not record.ok:
+            raise StreamError(record)
+        return state[0]  # type: ignore[no-any-return]
+
+    def _emit(self, record: RequestRecord) -> None:
+        if self.sink is not None:
+            self.sink(record)
+
+    def _fail(self, record: RequestRecord, error_type: str, message: str) -> None:
+        record.error_type = error_type
+        record.error = _redact(message, self.endpoint.api_key)
+        if record.end_ns is None:
+            record.end_ns = time.perf_counter_ns()
+
+    def _classify(self, exc: Exception) -> tuple[str, str]:
+        name = type(exc).__name__
+        msg = _short(str(exc)) or name
+        if isinstance(exc, _ProtocolError):
+            return ERR_PROTOCOL, msg
+        if isinstance(exc, _ServerError):
+            return ERR_SERVER, msg
+        try:
+            import aiohttp
+        except ImportError:  # pragma: no cover
+            aiohttp = None  # type: ignore[assignment]
+        if aiohttp is not None:
+            dns_error = getattr(aiohttp, "ClientConnectorDNSError", None)
+            if dns_error is not None and isinstance(exc, dns_error):
+                return ERR_DNS, msg
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                if "Name or service not known" in msg or "getaddrinfo" in msg.lower():
+                    return ERR_DNS, msg
+                return ERR_CONNECT, msg
+            if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError)):
+                return ERR_DISCONNECT, msg
+            if isinstance(exc, aiohttp.ClientResponseError):
+                return f"http_{exc.status}", msg
+            if isinstance(exc, aiohttp.ClientError):
+                return ERR_DISCONNECT, f"{name}: {msg}"
+        if isinstance(exc, ConnectionError):
+            return ERR_DISCONNECT, f"{name}: {msg}"
+        return _litellm_error(exc)
+
+    async def _sse_stream(self, payload: dict[str, Any], record: RequestRecord) -> StreamResult:
+        session = await self._get_session()
+        assert self._url is not None
+        body = json.dumps(payload).encode()
+        stream = _Stream(record)
+        record.wall_start = time.time()
+        record.start_ns = time.perf_counter_ns()
+        async with session.post(self._url, data=body, headers=self._headers) as resp:
+            if resp.status != 200:
+                err_body = await resp.content.read(64 * 1024)
+                self._fail(record, f"http_{resp.status}", _http_message(resp.status, err_body))
+                raise _RequestFailed
+            content = resp.content
+            clock = time.perf_counter_ns
+            feed = stream.feed
+            while True:
+                data = await content.readany()
+                t = clock()
+                if not data:
+                    break
+                feed(data, t)
+                if stream.done:
+                    break
+            record.end_ns = clock()
+        stream.end(record.end_ns)
+        return self._finish(record, stream.deltas, stream.usage, stream.finish_reason,
+                            stream.complete, stream.response_id, "".join(stream.text),
+                            "".join(stream.reasoning))
+
+    def _finish(
+        self,
+        record: RequestRecord,
+        deltas: list[str],
+        usage: dict[str, Any] | None,
+        finish_reason: str | None,
+        complete: bool,
+        response_id: str | None,
+        text: str,
+        reasoning: str,
+    ) -> StreamResult:
+        record.response_id = response_id
+        if usage is not None and isinstance(usage.get("prompt_tokens"), int):
+            record.input_tokens = usage["prompt_tokens"]
+        if not complete:
+            self._fail(
+                record, ERR_DISCONNECT,
+                f"the stream ended after {len(record.chunk_ns)} output chunks without a finish "
+                "reason, usage or [DONE]",
+            )
+            raise _RequestFailed
+        finish_tokens(record, deltas, usage, self.tokenizer)
+        if not record.chunk_ns:
+            self._fail(record, ERR_EMPTY, "the stream carried no output")
+            raise _RequestFailed
+        return StreamResult(
+            text=text, record=record, reasoning=reasoning, usage=usage,
+            finish_reason=finish_reason,
+        )
+
+    async def _litellm_stream(self, payload: dict[str, Any], record: RequestRecord) -> StreamResult:
+        litellm = import_litellm()
+        ep = self.endpoint
+        kwargs = dict(payload)
+        kwargs["model"] = ep.model
+        kwargs.pop("stream", None)
+        if ep.api_base is not None:
+            kwargs["api_base"] = ep.api_base
+        if ep.api_key is not None:
+            kwargs["api_key"] = ep.api_key
+        deltas: list[str] = []
+        texts: list[str] = []
+        reasoning: list[str] = []
+        usage: dict[str, Any] | None = None
+        finish_reason = None
+        response_id = None
+        clock = time.perf_counter_ns
+        record.wall_start = time.time()
+        record.start_ns = clock()
+        # No hidden retries: the load must be exactly what was asked.
+        resp = await litellm.acompletion(
+            stream=True, num_retries=0, max_retries=0, timeout=self.timeout, **kwargs
+        )
+        async for chunk in resp:
+            t = clock()
+            response_id = response_id or getattr(chunk, "id", None)
+            u = getattr(chunk, "usage", None)
+            if u:
+                usage = u.model_dump() if hasattr(u, "model_dump") else dict(u)
+            choices = getattr(chunk, "choices", None) or []
+            if not choices:
+                continue
+            choice = choices[0]
+            if getattr(choice, "finish_reason", None):
+                finish_reason = choice.finish_reason
+            delta = getattr(choice, "delta", None)
+            text = (getattr(delta, "content", None) or "") if delta is not None else ""
+            rtext = (getattr(delta, "reasoning_content", None) or "") if delta is not None else ""
+            if not text and not rtext and delta is not None and getattr(delta, "tool_calls", None):
+                text = _tool_call_text(
+                    [tc.model_dump() if hasattr(tc, "model_dump") else tc for tc in delta.tool_calls]
+                )
+            if text or rtext:
+                record.chunk_ns.append(t)
+                record.chunk_tokens.append(1)
+                deltas.append(text + rtext)
+                texts.append(text)
+                reasoning.append(rtext)
+        record.end_ns = clock()
+        # litellm assembles the stream itself; a stream it returned is complete.
+        return self._finish(record, deltas, usage, finish_reason or "stop", True, response_id,
+                            "".join(texts), "".join(reasoning))
+
+
+class _RequestFailed(Exception):
+    """The record is already marked failed."""
+
+
+def _litellm_error(exc: Exception) -> tuple[str, str]:
+    name = type(exc).__name__
+    msg = _short(str(exc)) or name
+    status = getattr(exc, "status_code", None)
+    if name in ("Timeout", "APITimeoutError"):
+        return ERR_TIMEOUT, msg
+    if name in ("APIConnectionError", "ServiceUnavailableError") and not isinstance(status, int):
+        return ERR_CONNECT, msg
+    if isinstance(status, int) and 400 <= status < 600:
+        return f"http_{status}", msg
+    if name == "APIConnectionError":
+        return ERR_CONNECT, msg
+    return name.lower() or "error", msg
+
+
+def import_litellm() -> Any:
+    """Import litellm offline: its price list comes from the copy it ships, never the internet."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    litellm.suppress_debug_info = True
+    litellm.num_retries = 0
+    return litellm
