@@ -1,0 +1,363 @@
+"""SLO expressions: parse ``METRIC[.STAT] OP VALUE[UNIT]`` and check them against a summary.
+
+Grammar (case-insensitive, whitespace between the parts tolerated)::
+
+    ttft.p99 < 2s      itl.p95<=50ms      tpot<30ms      error_rate<1%      goodput>=4
+
+- metrics: ``ttft``, ``itl``, ``tpot``, ``e2e`` (seconds), ``output_tokens`` (per request) take a
+  statistic; ``error_rate`` (fraction or %), ``output_throughput`` (tokens/s),
+  ``request_throughput`` and ``goodput`` (requests/s) are single figures and take none;
+- stats: ``mean``, ``min``, ``max`` and any percentile ``pNN`` / ``pNN.N`` from p0 to p100.
+  A distribution metric written without a statistic means its **mean** (``tpot<30ms`` is
+  ``tpot.mean<30ms``);
+- ops: ``<``, ``<=``, ``>``, ``>=``;
+- units: latencies take ``us`` (or ``µs``), ``ms`` or ``s``, and a bare number is seconds;
+  ``error_rate`` takes ``%`` or a bare fraction; the other metrics take bare numbers.
+
+This module does not import numpy (or the metrics module at run time), so the plugin can parse
+``--llm-slo`` values while it loads.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+# ``config`` imports this module for ``parse_slo_list``; reaching ConfigError through the module
+# object (not ``from ... import ConfigError``) keeps that import cycle harmless in either order.
+from pytest_llmload import config as _config
+
+if TYPE_CHECKING:
+    from pytest_llmload.metrics import Summary
+
+#: Per-request latencies in seconds. They count towards goodput.
+LATENCY_METRICS: tuple[str, ...] = ("ttft", "itl", "tpot", "e2e")
+#: Metrics with one sample per request (or per token, for itl): they take a statistic.
+DISTRIBUTION_METRICS: tuple[str, ...] = (*LATENCY_METRICS, "output_tokens")
+#: Single figures for the whole test: they take no statistic.
+SCALAR_METRICS: tuple[str, ...] = (
+    "error_rate",
+    "output_throughput",
+    "request_throughput",
+    "goodput",
+)
+METRICS: tuple[str, ...] = (*DISTRIBUTION_METRICS, *SCALAR_METRICS)
+OPS: tuple[str, ...] = ("<", "<=", ">", ">=")
+#: Statistic used when a distribution metric is written without one.
+DEFAULT_STAT = "mean"
+
+# unit -> how many of that unit make one SI unit (the limit is value / divisor)
+_LATENCY_UNITS = {"us": 1e6, "ms": 1e3, "s": 1.0}
+_UNITS: dict[str, dict[str, float]] = {
+    **{m: _LATENCY_UNITS for m in LATENCY_METRICS},
+    "output_tokens": {"": 1.0},
+    "error_rate": {"": 1.0, "%": 100.0},
+    "output_throughput": {"": 1.0},
+    "request_throughput": {"": 1.0},
+    "goodput": {"": 1.0},
+}
+_UNIT_ALIASES = {"\u00b5s": "us", "\u03bcs": "us"}  # micro sign and Greek mu
+#: What a bare number means for the metrics that accept one besides a named unit.
+_BARE_UNIT = {m: "s" for m in LATENCY_METRICS}
+#: Shown after figures that carry no written unit.
+_SUFFIX = {
+    "output_throughput": " tok/s",
+    "request_throughput": " req/s",
+    "goodput": " req/s",
+}
+# Values this close (relative) to the limit count as equal to it: a limit written in decimal and
+# a ratio computed from counts may differ in the last bit while being the same number.
+_REL_TOL = 1e-9
+
+_GRAMMAR = "METRIC[.STAT] OP VALUE[UNIT] (e.g. 'ttft.p99<2s', 'itl.p95<=50ms', 'error_rate<1%')"
+_OP_RUN = re.compile(r"[<>=!]+")
+_NUMBER = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:e[+-]?[0-9]+)?")
+_PERCENTILE = re.compile(r"p([0-9]+(?:\.[0-9]+)?)")
+
+
+def _fail(text: object, problem: str, accepted: str) -> _config.ConfigError:
+    return _config.ConfigError(f"Invalid SLO {text!r}: {problem}; {accepted}.")
+
+
+def _num_text(value: float) -> str:
+    """Shortest text that parses back to exactly ``value`` ('2' rather than '2.0')."""
+    text = repr(float(value))
+    return text.removesuffix(".0")
+
+
+def stat_quantile(stat: str) -> float | None:
+    """The percentile a stat names (``'p99.9'`` -> 99.9), or None for mean/min/max/unknown."""
+    m = _PERCENTILE.fullmatch(stat)
+    if m is None:
+        return None
+    q = float(m.group(1))
+    return q if 0.0 <= q <= 100.0 else None
+
+
+def format_sig(value: float, digits: int = 3) -> str:
+    """``value`` to ``digits`` significant digits, in plain notation, trailing zeros dropped.
+
+    Numbers of ``10**digits`` and more keep all their integer digits (``1234``, not ``1.23e+03``).
+    """
+    if not math.isfinite(value):
+        return str(value)
+    if value == 0:
+        return "0"
+    magnitude = math.floor(math.log10(abs(value)))
+    decimals = max(0, digits - 1 - magnitude)
+    text = f"{value:.{decimals}f}"
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
+
+
+@dataclass(frozen=True)
+class SLO:
+    """One parsed SLO. ``limit`` is in SI units (seconds, a fraction, per second);
+    ``unit`` is the unit the user wrote ('s' for a bare latency), used to show figures;
+    ``stat`` is None when the expression named none (a distribution metric then means its mean);
+    ``expr`` is the canonical text, which :func:`parse_slo` turns back into an equal SLO."""
+
+    expr: str
+    metric: str
+    stat: str | None
+    op: str
+    limit: float
+    unit: str
+
+    def __str__(self) -> str:
+        return self.expr
+
+    @property
+    def effective_stat(self) -> str | None:
+        """The statistic checked: the written one, ``mean`` for a bare distribution metric,
+        None for single-figure metrics."""
+        if self.metric in SCALAR_METRICS:
+            return None
+        return self.stat or DEFAULT_STAT
+
+    @property
+    def label(self) -> str:
+        """``metric.stat`` as written (``ttft.p99``, ``error_rate``)."""
+        return self.metric if self.stat is None else f"{self.metric}.{self.stat}"
+
+    @property
+    def is_latency(self) -> bool:
+        return self.metric in LATENCY_METRICS
+
+    def check(self, observed: float | None) -> bool:
+        """Whether ``observed`` (SI units) meets the limit. None (nothing measured) never does."""
+        if observed is None or math.isnan(observed):
+            return False
+        limit = self.limit
+        close = abs(observed - limit) <= _REL_TOL * (abs(observed) + abs(limit))
+        if self.op == "<":
+            return observed < limit and not close
+        if self.op == "<=":
+            return observed <= limit or close
+        if self.op == ">":
+            return observed > limit and not close
+        return observed >= limit or close
+
+    def format_value(self, value: float, digits: int = 3) -> str:
+        """A figure in SI units shown in this SLO's unit: ``61.2 ms``, ``3.5%``, ``12 req/s``."""
+        divisor = _UNITS[self.metric].get(self.unit, 1.0)
+        text = format_sig(value * divisor, digits)
+        if self.unit == "%":
+            return f"{text}%"
+        if self.unit:
+            return f"{text} {self.unit}"
+        return text + _SUFFIX.get(self.metric, "")
+
+    @property
+    def limit_text(self) -> str:
+        """The limit as written, with its unit (``2 s``, ``50 ms``, ``1%``)."""
+        return self.format_value(self.limit, 12)
+
+
+def parse_slo(text: str) -> SLO:
+    """Parse one SLO expression; raise ConfigError naming the part that is wrong."""
+    if not isinstance(text, str):
+        raise _fail(text, f"expected text, got {type(text).__name__}", f"write {_GRAMMAR}")
+    s = text.strip().lower()
+    if not s:
+        raise _fail(text, "it is empty", f"write {_GRAMMAR}")
+
+    runs = list(_OP_RUN.finditer(s))
+    if not runs:
+        raise _fail(
+            text, "it has no comparison", f"write {_GRAMMAR} with OP one of {', '.join(OPS)}"
+        )
+    if len(runs) > 1:
+        raise _fail(
+            text, "it has more than one comparison", f"write a single {_GRAMMAR}; give one per SLO"
+        )
+    run = runs[0]
+    op = run.group()
+    if op not in OPS:
+        raise _fail(text, f"{op!r} is not a comparison", f"use one of {', '.join(OPS)}")
+    left, right = s[: run.start()].strip(), s[run.end() :].strip()
+
+    # -- METRIC[.STAT]
+    metric, dot, stat_text = left.partition(".")
+    metric, stat_text = metric.strip(), stat_text.strip()
+    if not metric:
+        raise _fail(text, "it names no metric", f"write {_GRAMMAR}")
+    if metric not in METRICS:
+        close = difflib.get_close_matches(metric, METRICS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise _fail(
+            text,
+            f"unknown metric {metric!r}{hint}",
+            f"the metrics are {', '.join(METRICS)}",
+        )
+    stat: str | None = None
+    if dot:
+        if metric in SCALAR_METRICS:
+            raise _fail(
+                text,
+                f"{metric} is a single figure and takes no statistic",
+                f"write e.g. '{metric}{op}{'1%' if metric == 'error_rate' else '10'}'",
+            )
+        if stat_text in ("mean", "min", "max"):
+            stat = stat_text
+        else:
+            q = stat_quantile(stat_text)
+            if q is None:
+                raise _fail(
+                    text,
+                    f"unknown statistic {stat_text!r}",
+                    "the statistics are mean, min, max and percentiles p0 to p100 "
+                    "such as p50, p90, p95, p99, p99.9",
+                )
+            stat = f"p{_num_text(q)}"
+
+    # -- VALUE[UNIT]
+    m = _NUMBER.match(right)
+    if m is None:
+        raise _fail(
+            text,
+            f"the limit {right!r} is not a number"
+            if right
+            else "it has no limit after the comparison",
+            "write a non-negative number such as 2, 0.5 or 50ms",
+        )
+    value = float(m.group())
+    if not math.isfinite(value):
+        raise _fail(text, f"the limit {m.group()!r} is too large", "write a finite number")
+    unit = right[m.end() :].strip()
+    unit = _UNIT_ALIASES.get(unit, unit)
+    units = _UNITS[metric]
+    if unit not in units and not (unit == "" and metric in _BARE_UNIT):
+        accepted = [u for u in units if u]
+        if metric in _BARE_UNIT:
+            accepted.append("a bare number of seconds")
+        elif metric == "error_rate":
+            accepted.append("a bare fraction")
+        else:
+            accepted.append("a bare number")
+        what = f"unit {unit!r} is" if unit else "a bare number is"
+        raise _fail(
+            text,
+            f"{what} not valid for {metric}",
+            f"{metric} takes {' or '.join(accepted)}",
+        )
+    unit = unit or _BARE_UNIT.get(metric, "")
+    limit = value / units[unit]
+    if not math.isfinite(limit):
+        raise _fail(text, f"the limit {m.group()!r} is too large", "write a finite number")
+
+    label = metric if stat is None else f"{metric}.{stat}"
+    expr = f"{label}{op}{_num_text(value)}{unit}"
+    return SLO(expr=expr, metric=metric, stat=stat, op=op, limit=limit, unit=unit)
+
+
+@dataclass(frozen=True)
+class SLOResult:
+    """The verdict of one SLO. ``observed`` is in SI units, None when nothing could be measured
+    (``reason`` then says why); ``count`` is the number of samples behind it (requests, or tokens
+    for itl)."""
+
+    slo: SLO
+    observed: float | None
+    passed: bool
+    count: int
+    reason: str | None = None
+
+    @property
+    def observed_text(self) -> str:
+        """The observed figure in the SLO's unit (``61.2 ms``), '-' when nothing was measured."""
+        if self.observed is None:
+            return "-"
+        return _observed_text(self.slo, self.observed)
+
+    @property
+    def detail(self) -> str:
+        """The verdict without its prefix: ``ttft.p99 = 2.31 s > 2 s (n=200)``."""
+        slo = self.slo
+        if self.observed is None:
+            why = self.reason or "nothing was measured"
+            return (
+                f"{slo.label} {slo.op} {slo.limit_text} could not be checked: {why} "
+                f"(n={self.count})"
+            )
+        op = slo.op if self.passed else _failed_op(slo, self.observed)
+        return f"{slo.label} = {self.observed_text} {op} {slo.limit_text} (n={self.count})"
+
+    @property
+    def message(self) -> str:
+        """``SLO failed: ttft.p99 = 2.31 s > 2 s (n=200)`` (or ``SLO passed: ...``)."""
+        return f"SLO {'passed' if self.passed else 'failed'}: {self.detail}"
+
+    def as_dict(self) -> dict[str, Any]:
+        slo = self.slo
+        return {
+            "expr": slo.expr,
+            "metric": slo.metric,
+            "stat": slo.effective_stat,
+            "op": slo.op,
+            "limit": slo.limit,
+            "unit": slo.unit,
+            "observed": self.observed,
+            "passed": self.passed,
+            "count": self.count,
+            "message": self.message,
+        }
+
+
+def _failed_op(slo: SLO, observed: float) -> str:
+    """How a failing figure relates to the limit: strictly ('>') unless it sits on it ('>=')."""
+    on_limit = abs(observed - slo.limit) <= _REL_TOL * (abs(observed) + abs(slo.limit))
+    if slo.op[0] == "<":
+        return ">=" if on_limit else ">"
+    return "<=" if on_limit else "<"
+
+
+def _observed_text(slo: SLO, observed: float) -> str:
+    """Three significant digits, more when three would print the same as the limit
+    (``50.04 ms > 50 ms`` rather than ``50 ms > 50 ms``)."""
+    limit_text = slo.limit_text
+    text = slo.format_value(observed)
+    digits = 3
+    while text == limit_text and observed != slo.limit and digits < 15:
+        digits += 1
+        text = slo.format_value(observed, digits)
+    return text
+
+
+def evaluate(slos: Iterable[SLO], summary: Summary) -> list[SLOResult]:
+    """Check every SLO against ``summary``. goodput is the one ``summary`` was computed with
+    (``summarize(records, slos=...)``): pass the same SLOs to both."""
+    results = []
+    for slo in slos:
+        observed = summary.value(slo.metric, slo.effective_stat)
+        count = summary.count(slo.metric)
+        if observed is None:
+            results.append(SLOResult(slo, None, False, count, summary.no_data_reason(slo.metric)))
+        else:
+            results.append(SLOResult(slo, observed, slo.check(observed), count))
+    return results
