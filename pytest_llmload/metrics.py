@@ -1,0 +1,461 @@
+"""Request records -> statistics (the glossary in DESIGN.md, computed one way only).
+
+- Latency figures (TTFT, ITL, TPOT, E2E, latency from the intended send) and ``output_tokens``
+  come from successful requests only; failed requests count in ``error_rate`` and nowhere else.
+- ITL is per token: a chunk arriving d after the previous output chunk with k tokens adds k
+  samples of d/k (exactly :meth:`RequestRecord.itl`, computed here in bulk with numpy).
+- Percentiles interpolate linearly between the two nearest ranks (numpy's default, Hyndman-Fan
+  type 7): ``p99`` of 200 samples lies between the 198th and 199th smallest (0-based).
+- The measured window runs from the earliest send of any record (ok or failed) to the latest end
+  (``end_ns``, else the last chunk, else the send); throughputs are per second of that window.
+- ``error_rate`` is ``failed / (ok + failed)``, and None when there are no records at all:
+  a run that measured nothing has no error rate, and an SLO on it fails rather than passes.
+- Summaries never average averages. To merge workers or machines, concatenate their records and
+  summarise again; the result is exact.
+
+Importing this module imports numpy: the plugin imports it lazily.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from pytest_llmload.records import NS, RequestRecord
+from pytest_llmload.slo import (
+    DEFAULT_STAT,
+    DISTRIBUTION_METRICS,
+    LATENCY_METRICS,
+    METRICS,
+    SCALAR_METRICS,
+    SLO,
+    stat_quantile,
+)
+
+FloatArray = npt.NDArray[np.float64]
+
+#: Figures of :class:`Stats` in the order reports show them.
+STAT_NAMES: tuple[str, ...] = ("count", "mean", "min", "p50", "p90", "p95", "p99", "max")
+#: How many distinct error messages a summary keeps as examples.
+MAX_ERROR_EXAMPLES = 5
+
+_EMPTY: FloatArray = np.empty(0, dtype=np.float64)
+
+
+class Stats:
+    """Count, mean, min, max and percentiles of one set of samples (seconds for latencies).
+
+    Every figure is None when there are no samples. Keeps the sorted samples (read-only), so any
+    percentile can be asked for later without sorting again.
+    """
+
+    __slots__ = ("_sorted", "count", "max", "mean", "min", "p50", "p90", "p95", "p99")
+
+    count: int
+    mean: float | None
+    min: float | None
+    max: float | None
+    p50: float | None
+    p90: float | None
+    p95: float | None
+    p99: float | None
+
+    def __init__(self, values: npt.ArrayLike = ()) -> None:
+        arr = np.array(values, dtype=np.float64).ravel()
+        arr = arr[~np.isnan(arr)]  # NaN has no rank; records never produce one
+        arr.sort()
+        arr.flags.writeable = False
+        self._sorted: FloatArray = arr
+        self.count = int(arr.size)
+        if self.count:
+            self.mean = float(np.mean(arr))
+            self.min = float(arr[0])
+            self.max = float(arr[-1])
+        else:
+            self.mean = self.min = self.max = None
+        self.p50 = self.percentile(50)
+        self.p90 = self.percentile(90)
+        self.p95 = self.percentile(95)
+        self.p99 = self.percentile(99)
+
+    @property
+    def values(self) -> FloatArray:
+        """The samples, sorted ascending (a read-only array)."""
+        return self._sorted
+
+    def percentile(self, q: float) -> float | None:
+        """The ``q``-th percentile (0 <= q <= 100, e.g. 99.9), linearly interpolated; None
+        when there are no samples."""
+        if not 0.0 <= q <= 100.0:
+            raise ValueError(f"percentile must be between 0 and 100, got {q!r}")
+        return _sorted_percentile(self._sorted, q)
+
+    def get(self, stat: str) -> float | None:
+        """A figure by name: ``mean``, ``min``, ``max`` or ``pNN[.N]``."""
+        if stat in ("mean", "min", "max"):
+            value: float | None = getattr(self, stat)
+            return value
+        q = stat_quantile(stat)
+        if q is None:
+            raise ValueError(f"unknown statistic {stat!r}; expected mean, min, max or pNN")
+        return self.percentile(q)
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"count", "mean", "min", "p50", "p90", "p95", "p99", "max"}`` (None when empty)."""
+        return {name: getattr(self, name) for name in STAT_NAMES}
+
+    def __repr__(self) -> str:
+        figures = ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items())
+        return f"Stats({figures})"
+
+
+def stats(values: npt.ArrayLike | Iterable[float]) -> Stats:
+    """:class:`Stats` of any sequence, array or iterable of numbers (NaN ignored)."""
+    if isinstance(values, np.ndarray | Sequence):
+        return Stats(values)
+    return Stats(np.fromiter(values, dtype=np.float64))  # type: ignore[arg-type]
+
+
+def _sorted_percentile(a: FloatArray, q: float) -> float | None:
+    n = a.size
+    if n == 0:
+        return None
+    pos = q / 100.0 * (n - 1)
+    lo = min(math.floor(pos), n - 1)
+    hi = min(lo + 1, n - 1)
+    frac = pos - lo
+    low, high = float(a[lo]), float(a[hi])
+    if frac == 0.0 or low == high:
+        return low
+    return low + (high - low) * frac
+
+
+def _segment_stat(values: FloatArray, lengths: npt.NDArray[np.int64], stat: str) -> FloatArray:
+    """``stat`` of each consecutive segment of ``values`` (segment i has ``lengths[i]`` items);
+    NaN for empty segments. Percentiles interpolate as :meth:`Stats.percentile`."""
+    nseg = lengths.size
+    out = np.full(nseg, np.nan)
+    has = lengths > 0
+    if not has.any():
+        return out
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    if stat == "mean":
+        seg_id = np.repeat(np.arange(nseg), lengths)
+        sums = np.bincount(seg_id, weights=values, minlength=nseg)
+        out[has] = sums[has] / lengths[has]
+        return out
+    if stat in ("min", "max"):
+        # segments are contiguous, so the non-empty ones' starts delimit them exactly
+        ufunc = np.minimum if stat == "min" else np.maximum
+        out[has] = ufunc.reduceat(values, starts[has])
+        return out
+    q = stat_quantile(stat)
+    if q is None:
+        raise ValueError(f"unknown statistic {stat!r}; expected mean, min, max or pNN")
+    # one small in-place sort per segment is far cheaper than a global lexsort
+    srt = values.copy()
+    for a, b in zip(starts[has].tolist(), ends[has].tolist()):
+        srt[a:b].sort()
+    n = lengths[has]
+    first = starts[has]
+    pos = q / 100.0 * (n - 1)
+    lo = np.minimum(np.floor(pos).astype(np.int64), n - 1)
+    hi = np.minimum(lo + 1, n - 1)
+    frac = pos - lo
+    low, high = srt[first + lo], srt[first + hi]
+    out[has] = np.where((frac == 0.0) | (low == high), low, low + (high - low) * frac)
+    return out
+
+
+class Summary:
+    """Everything measured in one load test (see the module docstring for definitions).
+
+    Latency figures are in seconds; throughputs per second of the measured window.
+    """
+
+    ok: int
+    failed: int
+    error_rate: float | None
+    ttft: Stats
+    itl: Stats
+    tpot: Stats
+    e2e: Stats
+    output_tokens: Stats
+    schedule_lag: Stats
+    ttft_from_intended: Stats
+    e2e_from_intended: Stats
+    start_ns: int | None
+    end_ns: int | None
+    duration_s: float
+    output_tokens_total: int
+    good: int
+    output_throughput: float | None
+    request_throughput: float | None
+    goodput: float | None
+    goodput_slos: tuple[str, ...]
+    transports: tuple[str, ...]
+    workers: dict[str, int]
+    error_types: dict[str, int]
+    error_examples: list[tuple[str, str]]
+    tokens_sources: dict[str, int]
+    interrupted: int
+
+    @property
+    def total(self) -> int:
+        return self.ok + self.failed
+
+    @property
+    def transport(self) -> str:
+        """The transport(s) that measured these requests, comma-separated ('' if unknown)."""
+        return ", ".join(self.transports)
+
+    def stats_for(self, metric: str) -> Stats:
+        if metric not in DISTRIBUTION_METRICS:
+            raise ValueError(f"{metric!r} is not a per-request metric: {DISTRIBUTION_METRICS}")
+        result: Stats = getattr(self, metric)
+        return result
+
+    def value(self, metric: str, stat: str | None = None) -> float | None:
+        """One figure for SLO checks, in SI units; None when there is nothing to measure.
+
+        Distribution metrics (ttft, itl, tpot, e2e, output_tokens) take a stat and default to
+        ``mean``; error_rate, output_throughput, request_throughput and goodput take none.
+        """
+        if metric in DISTRIBUTION_METRICS:
+            return self.stats_for(metric).get(stat or DEFAULT_STAT)
+        if metric in SCALAR_METRICS:
+            if stat is not None:
+                raise ValueError(f"{metric} is a single figure and takes no statistic ({stat!r})")
+            result: float | None = getattr(self, metric)
+            return result
+        raise ValueError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
+
+    def count(self, metric: str) -> int:
+        """Samples behind ``metric``: tokens for itl, requests for the other per-request
+        metrics, all requests for error_rate, successful requests for the throughputs."""
+        if metric in DISTRIBUTION_METRICS:
+            return self.stats_for(metric).count
+        if metric == "error_rate":
+            return self.total
+        if metric in SCALAR_METRICS:
+            return self.ok
+        raise ValueError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
+
+    def no_data_reason(self, metric: str) -> str:
+        """Why :meth:`value` is None for ``metric``, as a phrase for a message."""
+        if self.total == 0:
+            return "no requests were recorded"
+        if metric == "error_rate":
+            return "no requests were recorded"
+        if metric in SCALAR_METRICS:
+            return "the measured window is empty"
+        if self.ok == 0:
+            return f"there were no successful requests ({self.failed} failed)"
+        if metric == "itl":
+            return "no successful response had two or more output chunks"
+        if metric == "tpot":
+            return "no successful response had two or more output tokens"
+        return "no successful response produced output"
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready figures (seconds, per second, fractions; None for no data)."""
+        return {
+            "requests": {"ok": self.ok, "failed": self.failed, "total": self.total},
+            "error_rate": self.error_rate,
+            "duration_s": self.duration_s,
+            "metrics": {
+                name: self.stats_for(name).as_dict()
+                for name in ("ttft", "itl", "tpot", "e2e", "output_tokens")
+            },
+            "schedule_lag": self.schedule_lag.as_dict(),
+            "from_intended": {
+                "ttft": self.ttft_from_intended.as_dict(),
+                "e2e": self.e2e_from_intended.as_dict(),
+            },
+            "throughput": {
+                "output_tokens_per_s": self.output_throughput,
+                "requests_per_s": self.request_throughput,
+                "goodput_per_s": self.goodput,
+            },
+            "output_tokens_total": self.output_tokens_total,
+            "goodput": {"requests": self.good, "slos": list(self.goodput_slos)},
+            "transports": list(self.transports),
+            "workers": dict(self.workers),
+            "error_types": dict(self.error_types),
+            "errors": [{"type": t, "message": m} for t, m in self.error_examples],
+            "tokens_sources": dict(self.tokens_sources),
+            "interrupted_requests": self.interrupted,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"Summary(ok={self.ok}, failed={self.failed}, ttft={self.ttft!r}, "
+            f"itl={self.itl!r}, duration_s={self.duration_s!r})"
+        )
+
+
+def _nan_to_none(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+def summarize(records: Iterable[RequestRecord], *, slos: Sequence[SLO] = ()) -> Summary:
+    """Summarise ``records`` (warm-up requests excluded by the caller).
+
+    ``slos`` decide goodput: a successful request is *good* when it meets every latency SLO
+    (ttft, itl, tpot, e2e) by its own figures: its TTFT, TPOT or E2E, or its own ITL samples at
+    the SLO's statistic (``itl.p95<=50ms``: the request's own p95 ITL). A request with no output
+    fails ttft/e2e SLOs; one with fewer than two chunks or tokens has no ITL/TPOT and does not
+    fail those. Without latency SLOs goodput equals the request throughput.
+    """
+    recs = list(records)
+    n_all = len(recs)
+    ok_recs = [r for r in recs if r.ok]
+    n_ok = len(ok_recs)
+
+    s = Summary()
+    s.ok = n_ok
+    s.failed = n_all - n_ok
+    s.error_rate = s.failed / n_all if n_all else None
+
+    # -- per successful request: instants as int64 ns (exact), then seconds
+    start = np.fromiter((r.start_ns for r in ok_recs), dtype=np.int64, count=n_ok)
+    nchunks = np.fromiter((len(r.chunk_ns) for r in ok_recs), dtype=np.int64, count=n_ok)
+    has_out = nchunks > 0
+    first = np.fromiter(
+        (r.chunk_ns[0] if r.chunk_ns else 0 for r in ok_recs), dtype=np.int64, count=n_ok
+    )
+    last = np.fromiter(
+        (r.chunk_ns[-1] if r.chunk_ns else 0 for r in ok_recs), dtype=np.int64, count=n_ok
+    )
+    out_tok = np.fromiter((r.output_tokens for r in ok_recs), dtype=np.int64, count=n_ok)
+
+    ttft_req = np.where(has_out, (first - start) / NS, np.nan)
+    e2e_req = np.where(has_out, (last - start) / NS, np.nan)
+    has_tpot = has_out & (out_tok >= 2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tpot_req = np.where(has_tpot, (last - first) / NS / np.maximum(out_tok - 1, 1), np.nan)
+    s.ttft = Stats(ttft_req)
+    s.e2e = Stats(e2e_req)
+    s.tpot = Stats(tpot_req)
+    s.output_tokens = Stats(out_tok.astype(np.float64))
+    s.output_tokens_total = int(out_tok.sum())
+
+    scheduled = has_out & np.fromiter(
+        (r.intended_start_ns is not None for r in ok_recs), dtype=bool, count=n_ok
+    )
+    intended_ns = np.fromiter(
+        (r.intended_start_ns or 0 for r in ok_recs), dtype=np.int64, count=n_ok
+    )
+    s.ttft_from_intended = Stats((first - intended_ns)[scheduled] / NS)
+    s.e2e_from_intended = Stats((last - intended_ns)[scheduled] / NS)
+    # Lag is the client's doing, not the server's: every scheduled request shows it.
+    s.schedule_lag = Stats(
+        np.fromiter(
+            (
+                (r.start_ns - r.intended_start_ns) / NS
+                for r in recs
+                if r.intended_start_ns is not None
+            ),
+            dtype=np.float64,
+        )
+    )
+
+    # -- ITL, vectorised over all chunks of all successful requests
+    itl_all, itl_lengths = _itl_samples(ok_recs)
+    s.itl = Stats(itl_all)
+
+    # -- window and throughput
+    if n_all:
+        s.start_ns = min(r.start_ns for r in recs)
+        s.end_ns = max(_end_ns(r) for r in recs)
+        s.duration_s = max(0, s.end_ns - s.start_ns) / NS
+    else:
+        s.start_ns = s.end_ns = None
+        s.duration_s = 0.0
+
+    latency_slos = [slo for slo in slos if slo.metric in LATENCY_METRICS]
+    good = np.ones(n_ok, dtype=bool)
+    per_request = {"ttft": ttft_req, "e2e": e2e_req, "tpot": tpot_req}
+    for slo in latency_slos:
+        if slo.metric == "itl":
+            values = _segment_stat(itl_all, itl_lengths, slo.stat or DEFAULT_STAT)
+            vacuous = True  # no ITL samples: nothing to violate
+        else:
+            values = per_request[slo.metric]
+            vacuous = slo.metric == "tpot"
+        meets = np.fromiter(
+            (vacuous if math.isnan(v) else slo.check(v) for v in values.tolist()),
+            dtype=bool,
+            count=n_ok,
+        )
+        good &= meets
+    s.good = int(good.sum())
+    s.goodput_slos = tuple(slo.expr for slo in latency_slos)
+
+    if s.duration_s > 0:
+        s.output_throughput = s.output_tokens_total / s.duration_s
+        s.request_throughput = n_ok / s.duration_s
+        s.goodput = s.good / s.duration_s
+    else:
+        s.output_throughput = s.request_throughput = s.goodput = None
+
+    # -- bookkeeping
+    s.transports = tuple(dict.fromkeys(r.transport for r in recs if r.transport))
+    s.workers = dict(Counter(r.worker for r in recs if r.worker is not None))
+    err_counts = Counter(r.error_type for r in recs if r.error_type is not None)
+    s.error_types = dict(err_counts.most_common())
+    examples: dict[tuple[str, str], None] = {}
+    for r in recs:
+        if r.error_type is not None and len(examples) < MAX_ERROR_EXAMPLES:
+            examples.setdefault((r.error_type, r.error or ""), None)
+    s.error_examples = list(examples)
+    s.tokens_sources = dict(Counter(r.tokens_source for r in ok_recs).most_common())
+    s.interrupted = sum(1 for r in recs if r.interrupted)
+    return s
+
+
+def _end_ns(r: RequestRecord) -> int:
+    if r.end_ns is not None:
+        return r.end_ns
+    if r.chunk_ns:
+        return r.chunk_ns[-1]
+    return r.start_ns
+
+
+def _itl_samples(recs: Sequence[RequestRecord]) -> tuple[FloatArray, npt.NDArray[np.int64]]:
+    """Per-token ITL samples of ``recs`` concatenated in record order, and how many each
+    record contributed. Same arithmetic as :meth:`RequestRecord.itl` (bit for bit)."""
+    n = len(recs)
+    if n == 0:
+        return _EMPTY, np.zeros(0, dtype=np.int64)
+    ns_parts: list[npt.NDArray[np.int64]] = []
+    tok_parts: list[npt.NDArray[np.int64]] = []
+    counts = np.empty(n, dtype=np.int64)
+    for i, r in enumerate(recs):
+        # array('q') / array('l') expose their buffers: no per-element Python work
+        ns = np.asarray(r.chunk_ns, dtype=np.int64)
+        tok = np.asarray(r.chunk_tokens, dtype=np.int64)
+        if tok.size != ns.size:  # malformed record: treat missing counts as one token
+            tok = np.concatenate((tok[: ns.size], np.ones(max(0, ns.size - tok.size), np.int64)))
+        ns_parts.append(ns)
+        tok_parts.append(tok)
+        counts[i] = ns.size
+    all_ns = np.concatenate(ns_parts)
+    all_tok = np.concatenate(tok_parts)
+    if all_ns.size < 2:
+        return _EMPTY, np.zeros(n, dtype=np.int64)
+    rec_id = np.repeat(np.arange(n), counts)
+    gaps_ns = np.diff(all_ns)
+    # gap i is between chunk i and i+1: keep it only when both belong to the same record
+    same = rec_id[1:] == rec_id[:-1]
+    k = np.where(all_tok[1:] > 0, all_tok[1:], 1)[same]
+    gaps = gaps_ns[same] / NS / k
+    samples = np.repeat(gaps, k)
+    lengths = np.bincount(rec_id[1:][same], weights=k, minlength=n).astype(np.int64)
+    return samples.astype(np.float64, copy=False), lengths
