@@ -1,0 +1,452 @@
+"""What a load test leaves behind: the terminal table, the JSON report, the error log and the
+JUnit properties.
+
+Plain functions over :class:`~pytest_llmload.metrics.Summary` and SLO results; nothing here
+imports pytest, and the metrics module (numpy) is imported only for type checking, so importing
+this module from the plugin stays cheap. Everything written to a file goes through
+:func:`redact` first.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from pytest_llmload.config import ConfigError
+from pytest_llmload.records import NS, RequestRecord
+from pytest_llmload.slo import SLOResult, format_sig
+
+if TYPE_CHECKING:
+    from pytest_llmload.metrics import Stats, Summary
+
+REPORT_VERSION = 1
+REDACTED = "***"
+#: Secrets shorter than this are not searched for: they cannot be real keys, and replacing
+#: every "x" in a report would mangle it.
+MIN_SECRET_LENGTH = 4
+#: Mapping keys whose string values are always redacted, whatever the secrets passed.
+_SECRET_KEY = re.compile(r"(^|[_-])(api[_-]?key|authorization|password|secret)$", re.IGNORECASE)
+
+_TABLE_ROWS = (("TTFT", "ttft"), ("ITL", "itl"), ("TPOT", "tpot"), ("E2E", "e2e"))
+_TABLE_STATS = ("mean", "p50", "p90", "p99", "max")
+
+
+class ReportError(ConfigError):
+    """A JSON report that cannot be read back (missing, not JSON, wrong shape)."""
+
+
+# -- terminal table ----------------------------------------------------------------------------
+
+
+def _ms(value: float | None) -> str:
+    """Milliseconds with about three significant digits; '-' for no data."""
+    if value is None or not math.isfinite(value):
+        return "-"
+    v = value * 1e3
+    a = abs(v)
+    if a >= 100:
+        return f"{v:.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    if a >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3f}"
+
+
+def _rate(value: float | None, unit: str) -> str:
+    return "-" if value is None else f"{format_sig(value)} {unit}"
+
+
+def _pct(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{format_sig(fraction * 100)}%"
+
+
+def _one_line(text: str, limit: int = 160) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def format_table(
+    nodeid: str,
+    summary: Summary,
+    slo_results: Sequence[SLOResult] = (),
+    *,
+    transport: str | None = None,
+    lag_note: str | None = None,
+    interrupted: bool = False,
+    secrets: Iterable[str | None] = (),
+) -> list[str]:
+    """The per-test block of the terminal summary, as lines (no trailing newlines).
+
+    ``transport`` overrides the transports seen in the records; ``lag_note`` is an extra line
+    about the schedule (e.g. that the client fell behind); error messages are redacted.
+    """
+    s = summary
+    head = f"LLM load: {nodeid}"
+    if interrupted:
+        head += "  (interrupted)"
+    lines = [head]
+    where = transport or s.transport or "unknown transport"
+    if s.total == 0:
+        lines.append(f"  no requests were recorded ({where})")
+    else:
+        requests = f"{s.total} requests: {s.ok} ok, {s.failed} failed"
+        if s.error_rate is not None:
+            requests += f" (error rate {_pct(s.error_rate)})"
+        lines.append(f"  {requests} in {format_sig(s.duration_s)} s, measured by {where}")
+
+    cells = [["", *_TABLE_STATS, "n"]]
+    for label, name in _TABLE_ROWS:
+        st: Stats = getattr(s, name)
+        cells.append([f"{label} (ms)", *(_ms(getattr(st, k)) for k in _TABLE_STATS), str(st.count)])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    for row in cells:
+        first = row[0].ljust(widths[0])
+        rest = "  ".join(c.rjust(max(w, 6)) for c, w in zip(row[1:], widths[1:]))
+        lines.append(f"  {first}  {rest}".rstrip())
+
+    if s.output_throughput is not None:
+        throughput = (
+            f"  throughput: {_rate(s.output_throughput, 'output tok/s')}, "
+            f"{_rate(s.request_throughput, 'req/s')} achieved"
+        )
+        if s.goodput_slos:
+            throughput += (
+                f", goodput {_rate(s.goodput, 'req/s')} ({s.good}/{s.ok} met the latency SLOs)"
+            )
+        lines.append(throughput)
+    if s.schedule_lag.count:
+        lines.append(
+            f"  open loop: schedule lag p99 {_ms(s.schedule_lag.p99)} ms; from intended send: "
+            f"TTFT mean {_ms(s.ttft_from_intended.mean)} ms, "
+            f"p99 {_ms(s.ttft_from_intended.p99)} ms"
+        )
+    if lag_note:
+        lines.append(f"  {lag_note}")
+    if s.interrupted:
+        lines.append(f"  {s.interrupted} request(s) were cut short by an interruption")
+
+    for result in slo_results:
+        verdict = "PASS" if result.passed else "FAIL"
+        lines.append(f"  SLO {verdict}  {result.detail}")
+
+    if s.error_types:
+        kinds = ", ".join(f"{kind} x{count}" for kind, count in s.error_types.items())
+        lines.append(f"  errors: {kinds}")
+        for kind, message in s.error_examples:
+            if message:
+                lines.append(f"    {kind}: {_one_line(message)}")
+    usable = _usable_secrets(secrets)
+    return [_redact(line, usable) for line in lines]
+
+
+def write_table(
+    write_line: Callable[[str], object],
+    nodeid: str,
+    summary: Summary,
+    slo_results: Sequence[SLOResult] = (),
+    **kwargs: Any,
+) -> None:
+    """:func:`format_table`, written through a TerminalReporter-like ``write_line``."""
+    for line in format_table(nodeid, summary, slo_results, **kwargs):
+        write_line(line)
+
+
+# -- redaction and JSON ------------------------------------------------------------------------
+
+
+def _usable_secrets(secrets: Iterable[str | None]) -> list[str]:
+    found = {s for s in secrets if isinstance(s, str) and len(s) >= MIN_SECRET_LENGTH}
+    return sorted(found, key=len, reverse=True)  # a longer secret may contain a shorter one
+
+
+def redact(obj: Any, secrets: Iterable[str | None]) -> Any:
+    """``obj`` with every occurrence of each secret, in any string at any depth (mapping keys
+    included), replaced by ``***``. String values under keys named like a credential
+    (``api_key``, ``llm_api_key``, ``authorization``, ``password``, ``secret``) are replaced
+    whole. Tuples come back as lists; other values are returned as they are."""
+    return _redact(obj, _usable_secrets(secrets))
+
+
+def _redact(obj: Any, secrets: list[str]) -> Any:
+    if isinstance(obj, str):
+        for secret in secrets:
+            if secret in obj:
+                obj = obj.replace(secret, REDACTED)
+        return obj
+    if isinstance(obj, Mapping):
+        out: dict[Any, Any] = {}
+        for key, value in obj.items():
+            if (
+                isinstance(key, str)
+                and _SECRET_KEY.search(key)
+                and isinstance(value, str)
+                and value
+            ):
+                out[_redact(key, secrets)] = REDACTED
+            else:
+                out[_redact(key, secrets)] = _redact(value, secrets)
+        return out
+    if isinstance(obj, list | tuple):
+        return [_redact(v, secrets) for v in obj]
+    return obj
+
+
+def _json_default(obj: Any) -> Any:
+    # numpy scalars and arrays, sets, paths: without importing numpy here
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, set | frozenset):
+        return sorted(obj, key=repr)
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return str(obj)
+
+
+def _finite(obj: Any) -> Any:
+    """NaN and infinities become None: JSON has no spelling for them."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _origin_wall(records: Sequence[RequestRecord], origin_ns: int) -> float | None:
+    """Wall-clock time of ``origin_ns``, from the first record that noted its wall send time."""
+    for r in records:
+        if r.wall_start > 0:
+            return r.wall_start - (r.start_ns - origin_ns) / NS
+    return None
+
+
+def test_entry(
+    nodeid: str,
+    summary: Summary,
+    slo_results: Sequence[SLOResult],
+    records: Sequence[RequestRecord],
+    origin_ns: int | None = None,
+    *,
+    transport: str | None = None,
+    settings: Mapping[str, Any] | None = None,
+    interrupted: bool = False,
+    load: bool | None = None,
+    include_records: bool = True,
+) -> dict[str, Any]:
+    """One test's entry in the JSON report: the summary's figures (seconds), SLO verdicts and,
+    unless ``include_records`` is false, every request record with instants relative to
+    ``origin_ns`` (default: the first send). ``origin_wall`` is the wall-clock time of that
+    origin, so reports from several machines can be put on one time axis. ``load`` says whether
+    it was an ``llm_load`` test (False: single measured requests of a plain test)."""
+    if origin_ns is None:
+        origin_ns = summary.start_ns if summary.start_ns is not None else 0
+    entry: dict[str, Any] = {
+        "nodeid": nodeid,
+        "transport": transport or summary.transport,
+        "interrupted": interrupted,
+    }
+    if load is not None:
+        entry["load"] = load
+    entry.update(summary.as_dict())
+    entry["slo"] = [result.as_dict() for result in slo_results]
+    if settings is not None:
+        entry["settings"] = dict(settings)
+    entry["origin_wall"] = _origin_wall(records, origin_ns)
+    if include_records:
+        entry["records"] = [r.to_dict(origin_ns) for r in records]
+    return entry
+
+
+# the name starts with "test_": keep pytest from collecting it where tests import it
+test_entry.__test__ = False  # type: ignore[attr-defined]
+
+
+def write_json_report(
+    path: str | os.PathLike[str],
+    *,
+    config: Mapping[str, Any],
+    tests: Sequence[Mapping[str, Any]],
+    secrets: Iterable[str | None] = (),
+    interrupted: bool = False,
+) -> None:
+    """Write ``{"version": 1, "interrupted": ..., "config": ..., "tests": [...]}`` to ``path``
+    atomically (a temporary file in the same directory, then ``os.replace``), redacted.
+    Creates missing parent folders. ``interrupted``: the run was cut short (Ctrl-C)."""
+    doc = {
+        "version": REPORT_VERSION,
+        "interrupted": interrupted,
+        "config": dict(config),
+        "tests": list(tests),
+    }
+    # through JSON once so that tuples, numpy values and NaN are normalised before redaction
+    plain = _finite(json.loads(json.dumps(doc, default=_json_default)))
+    text = json.dumps(redact(plain, secrets), indent=1, allow_nan=False) + "\n"
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+class ReportedTest(NamedTuple):
+    """One test read back from a JSON report."""
+
+    nodeid: str
+    records: list[RequestRecord]
+    slos: tuple[str, ...]
+    transport: str
+    interrupted: bool
+    entry: dict[str, Any]
+
+
+def read_json_report(path: str | os.PathLike[str]) -> list[ReportedTest]:
+    """The tests of a report written by :func:`write_json_report`, records rebuilt.
+
+    Records are placed on a wall-clock nanosecond axis (``origin_wall``) when the report has one,
+    so records of the same test from several reports can be concatenated and summarised again.
+    Raises :class:`ReportError` (a ConfigError) with a sentence on unreadable input.
+    """
+    where = os.fspath(path)
+
+    def bad(why: str) -> ReportError:
+        return ReportError(f"Cannot read the LLM load report {where!r}: {why}.")
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = json.load(fh)
+    except OSError as exc:
+        raise bad(exc.strerror or str(exc)) from exc
+    except UnicodeDecodeError as exc:
+        raise bad("it is not UTF-8 text") from exc
+    except json.JSONDecodeError as exc:
+        raise bad(f"it is not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from exc
+    if not isinstance(doc, dict) or "tests" not in doc:
+        raise bad('expected a JSON object with "version" and "tests"')
+    if doc.get("version") != REPORT_VERSION:
+        raise bad(f"unsupported version {doc.get('version')!r}, expected {REPORT_VERSION}")
+    tests = doc["tests"]
+    if not isinstance(tests, list):
+        raise bad('"tests" is not a list')
+    out: list[ReportedTest] = []
+    for i, entry in enumerate(tests):
+        if not isinstance(entry, dict) or not isinstance(entry.get("nodeid"), str):
+            raise bad(f"test #{i} is not an object with a string nodeid")
+        nodeid = entry["nodeid"]
+        origin_wall = entry.get("origin_wall")
+        origin_ns = 0
+        if isinstance(origin_wall, int | float) and math.isfinite(origin_wall):
+            origin_ns = round(origin_wall * NS)
+        raw_records = entry.get("records") or []
+        if not isinstance(raw_records, list):
+            raise bad(f'"records" of {nodeid!r} is not a list')
+        records = []
+        for j, raw in enumerate(raw_records):
+            if not isinstance(raw, dict):
+                raise bad(f"record #{j} of {nodeid!r} is not an object")
+            try:
+                records.append(RequestRecord.from_dict(raw, origin_ns))
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise bad(f"record #{j} of {nodeid!r} is malformed ({exc})") from exc
+        raw_slos = entry.get("slo") or []
+        slos = tuple(
+            str(s["expr"]) for s in raw_slos if isinstance(s, dict) and s.get("expr") is not None
+        )
+        out.append(
+            ReportedTest(
+                nodeid=nodeid,
+                records=records,
+                slos=slos,
+                transport=str(entry.get("transport") or ""),
+                interrupted=bool(entry.get("interrupted", False)),
+                entry=entry,
+            )
+        )
+    return out
+
+
+# -- error log ---------------------------------------------------------------------------------
+
+
+def format_error_line(
+    nodeid: str, record: RequestRecord, *, secrets: Iterable[str | None] = ()
+) -> str:
+    """``<ISO wall time> <test id> <error type>: <message>`` on one line, redacted."""
+    if record.wall_start > 0:
+        when = (
+            _dt.datetime.fromtimestamp(record.wall_start, tz=_dt.timezone.utc)
+            .astimezone()
+            .isoformat(timespec="milliseconds")
+        )
+    else:
+        when = "-"
+    kind = record.error_type or "ok"
+    message = " ".join((record.error or "").split())
+    line = f"{when} {nodeid} {kind}: {message}" if message else f"{when} {nodeid} {kind}"
+    result: str = redact(line, secrets)
+    return result
+
+
+def append_error_log(
+    path: str | os.PathLike[str],
+    nodeid: str,
+    records: Iterable[RequestRecord],
+    *,
+    secrets: Iterable[str | None] = (),
+) -> int:
+    """Append one line per failed record to ``path`` (created with its folders if missing);
+    returns how many lines were written."""
+    secret_list = [s for s in secrets if s]
+    lines = [format_error_line(nodeid, r, secrets=secret_list) + "\n" for r in records if not r.ok]
+    if not lines:
+        return 0
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "a", encoding="utf-8") as fh:
+        fh.writelines(lines)
+    return len(lines)
+
+
+# -- JUnit -------------------------------------------------------------------------------------
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else float(f"{value:.6g}")
+
+
+def junit_properties(summary: Summary) -> list[tuple[str, object]]:
+    """Per-test figures for ``item.user_properties`` (seconds, fractions, per second; 6
+    significant digits). Figures with no data are left out rather than written as 'None'."""
+    s = summary
+    figures: list[tuple[str, object]] = [
+        ("ttft_p99_s", _round(s.ttft.p99)),
+        ("ttft_mean_s", _round(s.ttft.mean)),
+        ("itl_p99_s", _round(s.itl.p99)),
+        ("itl_mean_s", _round(s.itl.mean)),
+        ("tpot_mean_s", _round(s.tpot.mean)),
+        ("e2e_p99_s", _round(s.e2e.p99)),
+        ("error_rate", _round(s.error_rate)),
+        ("requests_ok", s.ok),
+        ("requests_failed", s.failed),
+        ("output_tokens_per_s", _round(s.output_throughput)),
+        ("requests_per_s", _round(s.request_throughput)),
+    ]
+    return [(name, value) for name, value in figures if value is not None]
