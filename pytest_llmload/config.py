@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 if TYPE_CHECKING:
     from .engine import Arrival
-    from .mock import MockSpec
+    from .mock.spec import MockSpec
     from .slo import SLO
 
 T = TypeVar("T")
@@ -49,6 +49,8 @@ EXPECT_MODEL = (
     "a model name without spaces, such as 'openai/my-model', 'hosted_vllm/my-model' or 'mock'"
 )
 EXPECT_API_BASE = "an http:// or https:// URL with a host (e.g. 'http://localhost:8000/v1')"
+EXPECT_ARRIVAL = "poisson, constant, gamma:<burstiness> or batch"
+EXPECT_MOCK = "a mock spec such as 'ttft=200ms,itl=20ms,tokens=128'"
 EXPECT_TOKENIZER = (
     "a tokenizer: a Hugging Face model name or local path, 'tiktoken:<encoding>' or 'usage'"
 )
@@ -99,7 +101,7 @@ def _show(value: object) -> str:
     raises ValueError in Python >= 3.11)."""
     try:
         text = repr(value)
-    except ValueError:
+    except Exception:  # noqa: BLE001 - a marker value is any object; its __repr__ may fail
         if isinstance(value, int):
             return f"<an integer of {value.bit_length()} bits>"
         return f"<a {type(value).__name__}>"
@@ -169,7 +171,7 @@ def _delegate(parse: Callable[..., T], value: object, option: str) -> T:
         return parse(value, option=option) if takes_option else parse(value)
     except ValueError as exc:  # ConfigError, or a parser that forgot to say ConfigError
         message = str(exc)
-        if message.startswith(f"{option}: "):
+        if isinstance(exc, ConfigError) and message.startswith(f"{option}: "):
             raise
         prefix = _OPTION_PREFIX.match(message)  # another option's name: say ours instead
         if prefix:
@@ -308,8 +310,11 @@ def parse_slo_list(value: object, option: str = "--llm-slo") -> tuple[SLO, ...]:
 
 def parse_arrival(value: object, option: str = "--llm-arrival") -> Arrival:
     """``poisson``, ``constant``, ``gamma:<burstiness>`` or ``batch`` (see ``engine.parse_arrival``)."""
+    from .engine import Arrival
     from .engine import parse_arrival as engine_parse_arrival
 
+    if not isinstance(value, (str, Arrival)):
+        raise _error(option, EXPECT_ARRIVAL, value)
     return _delegate(engine_parse_arrival, value, option)
 
 
@@ -324,8 +329,10 @@ def parse_tokenizer(value: object, option: str = "--llm-tokenizer") -> str:
 
 def parse_mock(value: object, option: str = "--llm-mock") -> MockSpec:
     """The embedded mock server's behaviour (see ``mock.parse_mock_spec``)."""
-    from .mock import parse_mock_spec
+    from .mock.spec import MockSpec, parse_mock_spec
 
+    if not isinstance(value, (str, MockSpec)):
+        raise _error(option, EXPECT_MOCK, value)
     return _delegate(parse_mock_spec, value, option)
 
 
@@ -338,6 +345,10 @@ def parse_model(value: object, option: str = "--llm-model") -> str:
     raise _error(option, EXPECT_MODEL, value)
 
 
+#: ``user:password@`` at the start of a URL's authority, with or without ``scheme://`` before it.
+_CREDENTIALS = re.compile(r"^(\s*(?:[A-Za-z][A-Za-z0-9+.-]*:)?//)?[^/?#@]*@")
+
+
 def parse_api_base(value: object, option: str = "--llm-api-base") -> str:
     """An ``http://`` or ``https://`` URL with a host. Credentials in the URL are refused (they
     would be printed in headers and reports): the key belongs in ``--llm-api-key``."""
@@ -345,29 +356,34 @@ def parse_api_base(value: object, option: str = "--llm-api-base") -> str:
 
     if not isinstance(value, str):
         raise _error(option, EXPECT_API_BASE, value)
+    # never echo a password, even in an error
+    shown = _CREDENTIALS.sub(lambda m: (m[1] or "") + "***@", value, count=1)
     text = value.strip()
     if not text or any(ch.isspace() for ch in text):
-        raise _error(option, EXPECT_API_BASE, value)
+        raise _error(option, EXPECT_API_BASE, shown)
     try:
         parts = urlsplit(text)
+        has_credentials = parts.username is not None or parts.password is not None
+    except ValueError:
+        raise _error(option, EXPECT_API_BASE, shown) from None
+    if has_credentials:
+        raise ConfigError(
+            f"{option}: expected {EXPECT_API_BASE} without credentials in it (pass the key with "
+            f"--llm-api-key or the environment), got {_show(shown)}."
+        )
+    try:
         host = parts.hostname
         parts.port  # noqa: B018 - validates the port (raises ValueError when out of range)
     except ValueError:
-        raise _error(option, EXPECT_API_BASE, value) from None
-    if parts.username is not None or parts.password is not None:
-        shown = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
-        raise ConfigError(
-            f"{option}: expected {EXPECT_API_BASE} without credentials in it (pass the key with "
-            f"--llm-api-key or the environment), got {shown!r}."
-        )
+        raise _error(option, EXPECT_API_BASE, shown) from None
     if parts.scheme.lower() not in ("http", "https"):
         if "://" in text:
             why = f"which has the scheme {parts.scheme!r}"
         else:
-            why = f"which has no scheme (did you mean {'http://' + text!r}?)"
-        raise ConfigError(f"{option}: expected {EXPECT_API_BASE}, got {_show(value)}, {why}.")
+            why = f"which has no scheme (did you mean {'http://' + shown.strip()!r}?)"
+        raise ConfigError(f"{option}: expected {EXPECT_API_BASE}, got {_show(shown)}, {why}.")
     if not host:
-        raise _error(option, EXPECT_API_BASE, value)
+        raise _error(option, EXPECT_API_BASE, shown)
     return text
 
 
@@ -420,6 +436,11 @@ class LoadSettings:
             amount = f"requests for {_fmt_duration(self.duration or 0.0)}"
         if self.rps is None:
             loop = f"closed loop of {self.concurrency or 1}, {amount}"
+        elif self.arrival.kind == "batch":
+            # the engine runs batch as bursts of ``rps`` requests that wait for their slowest
+            loop = f"{amount} in bursts of {_fmt_number(self.rps)} per second (batch)"
+            if self.concurrency is not None:
+                loop += f", concurrency <= {self.concurrency}"
         else:
             loop = f"{amount} at {_fmt_number(self.rps)} req/s ({self.arrival})"
             if self.concurrency is not None:
