@@ -832,8 +832,8 @@ class _Connection(asyncio.Protocol):
                     headers[name.strip().lower()] = value.strip()
                 method, target, version = parts
                 connection = headers.get("connection", "").lower()
-                if version == "HTTP/1.0":
-                    self.keep_alive = "keep-alive" in connection
+                if version == "HTTP/1.0":  # no chunked encoding: one response per connection
+                    self.keep_alive = False
                     self.chunked = False
                 else:
                     self.keep_alive = "close" not in connection
