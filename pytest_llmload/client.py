@@ -182,8 +182,17 @@ def _http_message(status: int, body: bytes) -> str:
 class _Stream:
     """Per-request parsing state of the lean SSE reader."""
 
-    __slots__ = ("deltas", "text", "reasoning", "usage", "finish_reason", "done", "response_id",
-                 "buf", "record")
+    __slots__ = (
+        "buf",
+        "deltas",
+        "done",
+        "finish_reason",
+        "reasoning",
+        "record",
+        "response_id",
+        "text",
+        "usage",
+    )
 
     def __init__(self, record: RequestRecord) -> None:
         self.record = record
@@ -208,9 +217,7 @@ class _Stream:
             start = nl + 1
             if line.startswith(b"data:"):
                 self._data(line[5:].strip(), t)
-            elif not line.strip() or line.startswith(b":"):
-                continue
-            elif line.startswith((b"event:", b"id:", b"retry:")):
+            elif not line.strip() or line.startswith(b":") or line.startswith((b"event:", b"id:", b"retry:")):
                 continue
             else:
                 raise _ProtocolError(f"malformed SSE line: {_short(line.decode('utf-8', 'replace'))}")
@@ -356,6 +363,7 @@ class LLMClient:
         self._session: aiohttp.ClientSession | None = None
         self._url: str | None = None
         self._headers: dict[str, str] = {}
+        self._secret: str | None = endpoint.api_key
         self._warm = False
         self._warm_lock: asyncio.Lock | None = None
 
@@ -369,16 +377,18 @@ class LLMClient:
             base = os.environ.get("OPENAI_BASE_URL") or os.environ.get("OPENAI_API_BASE") or (
                 "https://api.openai.com/v1"
             )
-        if base is None or key is None:
-            # litellm's provider table knows the base URL and the key's environment variable.
+        if key is None:
+            # the provider's own variable, as litellm names it (OPENAI_API_KEY, GROQ_API_KEY ...)
+            key = os.environ.get(ep.provider.upper().replace("-", "_") + "_API_KEY")
+        if base is None:
+            # litellm's provider table knows the base URL (and key variable) of hosted providers;
+            # it costs seconds to import, so only a hosted provider without --llm-api-base pays.
             litellm = import_litellm()
             _, _, dyn_key, dyn_base = litellm.get_llm_provider(ep.model)
-            base = base or dyn_base
+            base = dyn_base
             key = key or dyn_key
         if base is None:
             raise ValueError(f"no base URL is known for model {ep.model!r}: give --llm-api-base.")
-        if key is None and ep.provider == "openai":
-            key = os.environ.get("OPENAI_API_KEY")
         self._url = base.rstrip("/") + "/chat/completions"
         self._headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         if key:
@@ -413,13 +423,11 @@ class LLMClient:
         async with self._warm_lock:
             if self._warm:
                 return
-            sink, self.sink = self.sink, None
             try:
-                await self.astream("Say hi.", max_tokens=4, _warmup=True)
+                await self.astream("Say hi.", max_tokens=4, sink=_discard, _warmup=True)
             except StreamError:
                 pass  # the endpoint's errors show up, counted, in the real requests
             finally:
-                self.sink = sink
                 self._warm = True
 
     # -- requests --------------------------------------------------------------------------
@@ -442,6 +450,8 @@ class LLMClient:
         *,
         image: Any = None,
         intended_start_ns: int | None = None,
+        sink: Callable[[RequestRecord], None] | None = None,
+        timeout: float | None = None,
         _warmup: bool = False,
         **kwargs: Any,
     ) -> StreamResult:
@@ -464,28 +474,28 @@ class LLMClient:
             worker=self.worker,
             image=image_meta,
         )
-        if self.transport == TRANSPORT_LITELLM:
-            result = await self._run(self._litellm_stream, payload, record)
-        else:
-            result = await self._run(self._sse_stream, payload, record)
-        return result
+        fn = self._litellm_stream if self.transport == TRANSPORT_LITELLM else self._sse_stream
+        return await self._run(fn, payload, record, sink or self.sink, timeout or self.timeout)
 
     async def _run(
         self,
         fn: Callable[[dict[str, Any], RequestRecord], Any],
         payload: dict[str, Any],
         record: RequestRecord,
+        sink: Callable[[RequestRecord], None] | None,
+        timeout: float,
     ) -> StreamResult:
         state: list[Any] = []
         try:
-            result: StreamResult = await asyncio.wait_for(fn(payload, record), self.timeout)
+            result: StreamResult = await asyncio.wait_for(fn(payload, record), timeout)
             state.append(result)
         except asyncio.TimeoutError:
-            self._fail(record, ERR_TIMEOUT, f"no complete response within {self.timeout:g} s")
+            self._fail(record, ERR_TIMEOUT, f"no complete response within {timeout:g} s")
         except asyncio.CancelledError:
             self._fail(record, ERR_CANCELLED, "cancelled before the response completed")
             record.interrupted = True
-            self._emit(record)
+            if sink is not None:
+                sink(record)
             raise
         except _RequestFailed:
             pass  # already marked
@@ -493,18 +503,15 @@ class LLMClient:
             self._fail(record, *self._classify(exc))
         if record.end_ns is None:
             record.end_ns = time.perf_counter_ns()
-        self._emit(record)
+        if sink is not None:
+            sink(record)
         if not record.ok:
             raise StreamError(record)
         return state[0]  # type: ignore[no-any-return]
 
-    def _emit(self, record: RequestRecord) -> None:
-        if self.sink is not None:
-            self.sink(record)
-
     def _fail(self, record: RequestRecord, error_type: str, message: str) -> None:
         record.error_type = error_type
-        record.error = _redact(message, self.endpoint.api_key)
+        record.error = _redact(_redact(message, self.endpoint.api_key), self._secret)
         if record.end_ns is None:
             record.end_ns = time.perf_counter_ns()
 
@@ -648,6 +655,10 @@ class LLMClient:
         # litellm assembles the stream itself; a stream it returned is complete.
         return self._finish(record, deltas, usage, finish_reason or "stop", True, response_id,
                             "".join(texts), "".join(reasoning))
+
+
+def _discard(record: RequestRecord) -> None:
+    pass
 
 
 class _RequestFailed(Exception):

@@ -47,7 +47,7 @@ class RequestRecord:
     wall_start: float = 0.0
     """``time.time()`` at send, only for showing people when it happened."""
     worker: str | None = None
-    image: dict[str, int] | None = None
+    image: dict[str, int | None] | None = None
     """``{"width", "height", "bytes"}`` of an attached image, if any."""
     interrupted: bool = False
 

@@ -1,0 +1,471 @@
+"""pytest11 entry point: options, ini keys, the ``llm_load`` marker, fixtures and the reporters.
+
+Loaded in every pytest run of the environment, so it imports nothing heavy: the engine, the
+client, numpy, litellm, tokenizers and the mock server are imported when a test first needs them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from .config import ConfigError
+
+if TYPE_CHECKING:
+    from .client import Endpoint
+    from .mock import MockServer
+    from .session import LLM, LoadResult, Runner
+
+MARKER = "llm_load"
+MARKER_HELP = (
+    "llm_load(*, requests=50, rps=5, concurrency=None, arrival='poisson', duration=None, "
+    "warmup=0, timeout=60, max_tokens=None, slo=(), seed=None, include_image=False, "
+    "randomize_image_dimensions=False): run the test body once per scheduled request under "
+    "load and gate its latency SLOs (pytest-llmload)."
+)
+ENV_API_KEY = "LLMLOAD_API_KEY"
+MSG_NO_MODEL = (
+    "no LLM endpoint is configured: pass --llm-model (e.g. --llm-model mock for the embedded "
+    "server, or --llm-model openai/<name> --llm-api-base http://host:8000/v1)."
+)
+
+
+@dataclass(frozen=True)
+class _Opt:
+    key: str
+    help: str
+    metavar: str | None = None
+    parse: Callable[[object, str], object] | None = None
+    flag: bool = False
+    repeat: bool = False
+    ini_type: str = "string"
+
+    @property
+    def cli(self) -> str:
+        return "--llm-" + self.key.replace("_", "-")
+
+    @property
+    def dest(self) -> str:
+        return "llm_" + self.key
+
+
+def _parsers() -> dict[str, Callable[[object, str], object]]:
+    from . import config as c
+
+    return {
+        "model": c.parse_model, "api_base": c.parse_api_base, "requests": c.parse_count,
+        "rps": c.parse_rate, "concurrency": c.parse_concurrency, "arrival": c.parse_arrival,
+        "seed": c.parse_seed, "duration": c.parse_duration, "warmup": c.parse_nonneg_int,
+        "timeout": c.parse_duration, "max_tokens": c.parse_count, "tokenizer": c.parse_tokenizer,
+        "slo": lambda v, o: c.parse_slo_list(v, o), "mock": c.parse_mock,
+        "include_image": c.parse_bool, "randomize_image_dimensions": c.parse_bool,
+    }
+
+
+OPTIONS = (
+    _Opt("model", "litellm model string (openai/x, hosted_vllm/x, anthropic/x ...) or 'mock' "
+         "for the embedded OpenAI-compatible server.", "MODEL"),
+    _Opt("api_base", "base URL of the endpoint, e.g. http://host:8000/v1.", "URL"),
+    _Opt("api_key", f"API key (else ${ENV_API_KEY}, else the provider's own variable); never "
+         "printed or stored.", "KEY"),
+    _Opt("requests", "requests per load test. Default: 50.", "N"),
+    _Opt("rps", "open-loop arrival rate in requests/s ('inf' for none: a closed loop of "
+         "--llm-concurrency). Default: 5.", "R"),
+    _Opt("concurrency", "cap on requests in flight; without a rate, a closed loop of C.", "C"),
+    _Opt("arrival", "arrival process: poisson, constant, gamma:<burstiness>, batch. "
+         "Default: 'poisson'.", "KIND"),
+    _Opt("seed", "seed of the arrival schedule. Default: derived from the test id.", "N"),
+    _Opt("duration", "stop issuing requests after this long (30s, 2m ...).", "S"),
+    _Opt("warmup", "warm-up requests per load test, never counted. Default: 0.", "N"),
+    _Opt("timeout", "per-request timeout. Default: 60s.", "S"),
+    _Opt("max_tokens", "output token cap sent with each request.", "N"),
+    _Opt("tokenizer", "token counts when the server reports no usage: 'usage' (server counts, "
+         "else one per chunk), tiktoken:<encoding>, or a Hugging Face name/path. "
+         "Default: 'usage'.", "SPEC"),
+    _Opt("slo", "SLO added to every load test, e.g. 'ttft.p99<2s' (repeatable).", "EXPR",
+         repeat=True, ini_type="linelist"),
+    _Opt("report", "write a JSON report (config, per-test summaries, per-request records).",
+         "PATH"),
+    _Opt("error_log", "write one line per failed request.", "PATH"),
+    _Opt("include_image", "attach a locally generated 1024x512 PNG to each request.",
+         flag=True, ini_type="bool"),
+    _Opt("randomize_image_dimensions", "attached images get a random height from 100 to 1024 "
+         "(seeded).", flag=True, ini_type="bool"),
+    _Opt("mock", "behaviour of the embedded mock server, e.g. "
+         "'ttft=200ms,itl=20ms,tokens=128,jitter=0.1,error_rate=0.01'.", "SPEC"),
+)
+_OPT = {o.key: o for o in OPTIONS}
+LOAD_OPTION_KEYS = (
+    "requests", "rps", "concurrency", "arrival", "duration", "warmup", "timeout", "max_tokens",
+    "slo", "seed", "include_image", "randomize_image_dimensions",
+)
+
+
+def _usage(key: str) -> Callable[[str], str]:
+    """argparse ``type=``: validate now (a usage error naming the option), keep the text."""
+
+    def check(text: str) -> str:
+        parse = _parsers().get(key)
+        if parse is not None:
+            try:
+                parse(text, _OPT[key].cli)
+            except ConfigError as exc:
+                raise pytest.UsageError(str(exc)) from None
+        return text
+
+    check.__name__ = f"parse_{key}"
+    return check
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("llmload", "LLM load testing (pytest-llmload)")
+    for o in OPTIONS:
+        if o.flag:
+            group.addoption(o.cli, dest=o.dest, action="store_true", default=None, help=o.help)
+        elif o.repeat:
+            group.addoption(o.cli, dest=o.dest, action="append", default=None,
+                            metavar=o.metavar, type=_usage(o.key), help=o.help)
+        else:
+            group.addoption(o.cli, dest=o.dest, metavar=o.metavar, type=_usage(o.key),
+                            default=None, help=o.help)
+        parser.addini(o.dest, o.help, type=o.ini_type,  # type: ignore[arg-type]
+                      default=[] if o.ini_type == "linelist" else None)
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+
+@dataclass
+class _State:
+    """Per-session state of the plugin, kept in ``config.stash``."""
+
+    cli: dict[str, object | None]
+    ini: dict[str, object | None]
+    results: list[LoadResult] = field(default_factory=list)
+    runner: Runner | None = None
+    mock: MockServer | None = None
+    worker_id: str | None = None
+    worker_index: int = 0
+    worker_count: int = 1
+    error_log: Any = None
+
+
+_state_key = pytest.StashKey["_State"]()
+_settings_key = pytest.StashKey["LoadSettings"]()
+_llm_key = pytest.StashKey["LLM"]()
+
+
+def _raw(config: pytest.Config, key: str) -> tuple[object | None, object | None]:
+    o = _OPT[key]
+    cli = config.getoption(o.dest)
+    ini: object | None = config.getini(o.dest)
+    if ini in ("", [], None) or (o.ini_type == "bool" and ini is False):
+        ini = None
+    return cli, ini
+
+
+def _get(state: _State, key: str) -> object | None:
+    v = state.cli.get(key)
+    return v if v is not None else state.ini.get(key)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", MARKER_HELP)
+    cli: dict[str, object | None] = {}
+    ini: dict[str, object | None] = {}
+    for o in OPTIONS:
+        cli[o.key], ini[o.key] = _raw(config, o.key)
+    # Ini values never went through argparse: check them now, naming the ini key.
+    parsers = _parsers()
+    for key, value in ini.items():
+        if value is not None and key in parsers:
+            try:
+                parsers[key](value, f"llm_{key} (ini)")
+            except ConfigError as exc:
+                raise pytest.UsageError(str(exc)) from None
+    if cli.get("api_key") is None and ini.get("api_key") is None and os.environ.get(ENV_API_KEY):
+        cli["api_key"] = os.environ[ENV_API_KEY]
+    state = _State(cli=cli, ini=ini)
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        state.worker_id = str(workerinput.get("workerid"))
+        state.worker_count = int(workerinput.get("workercount", 1))
+        state.worker_index = int(state.worker_id.lstrip("gw") or 0)
+    config.stash[_state_key] = state
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    state = config.stash.get(_state_key, None)
+    if state is None:
+        return
+    if state.runner is not None:
+        state.runner.close()
+        state.runner = None
+    if state.mock is not None:
+        state.mock.stop()
+        state.mock = None
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    state = config.stash.get(_state_key, None)
+    if state is None or _get(state, "model") is None:
+        return None
+    from .config import resolve_settings
+
+    base = _get(state, "api_base") or ("embedded mock" if _get(state, "model") == "mock" else "-")
+    try:
+        load = resolve_settings({}, state.cli, state.ini, test_id="").describe()
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    return f"llmload: model={_get(state, 'model')}, endpoint={base}, load={load}"
+
+
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    """Resolve each load test's settings before anything runs: a bad marker keyword or value is a
+    usage error, not a failure halfway through the run."""
+    state = config.stash[_state_key]
+    from .config import resolve_settings
+
+    for item in items:
+        marker = item.get_closest_marker(MARKER)
+        if marker is None:
+            continue
+        try:
+            item.stash[_settings_key] = resolve_settings(
+                marker.kwargs, state.cli, state.ini, test_id=item.nodeid, marker_args=marker.args
+            )
+        except ConfigError as exc:
+            raise pytest.UsageError(f"{item.nodeid}: {exc}") from None
+
+
+# -- fixtures -------------------------------------------------------------------------------------
+
+
+def _state(request: pytest.FixtureRequest) -> _State:
+    return request.config.stash[_state_key]
+
+
+@pytest.fixture(scope="session")
+def llm_endpoint(request: pytest.FixtureRequest) -> Endpoint:
+    """The configured endpoint (model, base URL; the key hidden from its repr). With
+    ``--llm-model mock`` the embedded server is started once per session."""
+    from .client import Endpoint
+
+    state = _state(request)
+    model = _get(state, "model")
+    if model is None:
+        pytest.skip(MSG_NO_MODEL)
+    key = _get(state, "api_key")
+    if model == "mock":
+        if state.mock is None:
+            from .mock import MockServer
+
+            spec = _get(state, "mock") or ""
+            state.mock = MockServer.start(str(spec))
+        return Endpoint("openai/mock", state.mock.base_url, None, transport="sse")
+    return Endpoint(str(model), _get(state, "api_base"),  # type: ignore[arg-type]
+                    str(key) if key is not None else None)
+
+
+def _runner(request: pytest.FixtureRequest, endpoint: Endpoint) -> Runner:
+    from .config import parse_count, parse_duration
+    from .session import Runner
+
+    state = _state(request)
+    if state.runner is None:
+        timeout = _get(state, "timeout")
+        max_tokens = _get(state, "max_tokens")
+        state.runner = Runner(
+            lambda: endpoint,
+            str(_get(state, "tokenizer") or "usage"),
+            timeout=parse_duration(timeout, "--llm-timeout") if timeout is not None else 60.0,
+            max_tokens=parse_count(max_tokens, "--llm-max-tokens") if max_tokens else None,
+            worker=state.worker_id,
+        )
+    return state.runner
+
+
+@pytest.fixture(scope="session")
+def llm_tokenizer(request: pytest.FixtureRequest, llm_endpoint: Endpoint) -> Any:
+    """The tokenizer of ``--llm-tokenizer`` (None for 'usage'), loaded on first use."""
+    try:
+        return _runner(request, llm_endpoint).tokenizer
+    except ConfigError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture
+def llm(request: pytest.FixtureRequest, llm_endpoint: Endpoint) -> Iterator[LLM]:
+    """``llm.stream(messages_or_prompt, **kwargs)`` / ``await llm.astream(...)``: one measured
+    streaming request each. In an ``llm_load`` test the body runs once per scheduled request."""
+    from .session import LLM
+
+    item = request.node
+    settings = item.stash.get(_settings_key, None)
+    obj = LLM(_runner(request, llm_endpoint), settings)
+    item.stash[_llm_key] = obj
+    yield obj
+
+
+# -- running tests ----------------------------------------------------------------------------
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    import inspect
+
+    llm_obj = pyfuncitem.stash.get(_llm_key, None)
+    settings = pyfuncitem.stash.get(_settings_key, None)
+    if settings is None:
+        if llm_obj is not None and inspect.iscoroutinefunction(pyfuncitem.obj):
+            # a plain async test using llm: run it on the load loop (no other plugin needed)
+            if pyfuncitem.get_closest_marker("asyncio") is None:
+                kwargs = {n: pyfuncitem.funcargs[n] for n in pyfuncitem._fixtureinfo.argnames}
+                llm_obj._runner.loop.run(pyfuncitem.obj(**kwargs))
+                return True
+        return None
+    if llm_obj is None:
+        pytest.fail(
+            f"{pyfuncitem.nodeid} is marked llm_load but does not use the 'llm' fixture: "
+            "add an 'llm' argument and call llm.stream() or llm.astream() in the body.",
+            pytrace=False,
+        )
+    from .session import run_load_test
+
+    state = pyfuncitem.config.stash[_state_key]
+    pm = pyfuncitem.config.pluginmanager
+    tr = pm.get_plugin("terminalreporter")
+    capman = pm.get_plugin("capturemanager")
+    verbose = pyfuncitem.config.get_verbosity() >= 0 and tr is not None
+
+    def progress(line: str) -> None:
+        if not verbose or tr is None:
+            return
+        # the test's output is captured: step around the capture, as live logging does
+        if capman is not None:
+            with capman.global_and_fixture_disabled():
+                tr.write_line(f"  [llm_load] {pyfuncitem.name}: {line}")
+        else:
+            tr.write_line(f"  [llm_load] {pyfuncitem.name}: {line}")
+
+    outcome = run_load_test(
+        pyfuncitem, settings, llm_obj, worker_index=state.worker_index,
+        worker_count=state.worker_count, progress=progress,
+    )
+    pyfuncitem.stash[_outcome_key] = outcome
+    return True
+
+
+_outcome_key = pytest.StashKey[Any]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    """After the body (or the load) ran: summarise, record, and fail a broken SLO in the call
+    phase, so JUnit, xdist and the exit code all see it."""
+    try:
+        result = yield
+    finally:
+        _finish(item)
+    return result
+
+
+def _finish(item: pytest.Item) -> None:
+    llm_obj = item.stash.get(_llm_key, None)
+    if llm_obj is None or (not llm_obj.records and _settings_key not in item.stash):
+        return
+    from .session import gate, summarize_test
+
+    state = item.config.stash[_state_key]
+    settings = item.stash.get(_settings_key, None)
+    outcome = item.stash.get(_outcome_key, None)
+    result = summarize_test(item.nodeid, llm_obj, settings, outcome, worker=state.worker_id)
+    state.results.append(result)
+    _write_errors(state, result)
+    from .report import junit_properties
+
+    for name, value in junit_properties(result.summary):
+        item.user_properties.append((name, value))
+    if settings is None:
+        return
+    if state.worker_count > 1 and getattr(item.config, "workerinput", None) is not None:
+        return  # workers hold part of the load: the controller gates on the merged figures
+    why = gate(result)
+    if why:
+        pytest.fail(why, pytrace=False)
+
+
+def _write_errors(state: _State, result: LoadResult) -> None:
+    path = _get(state, "error_log")
+    failed = [r for r in result.records if not r.ok]
+    if path is None:
+        return
+    from .report import format_error_line
+
+    if state.error_log is None:
+        state.error_log = open(str(path), "w", encoding="utf-8")  # noqa: SIM115
+    for rec in failed:
+        line = format_error_line(result.nodeid, rec)
+        key = _get(state, "api_key")
+        if key:
+            line = line.replace(str(key), "***")
+        state.error_log.write(line.rstrip("\n") + "\n")
+    state.error_log.flush()
+
+
+# -- reporting ------------------------------------------------------------------------------------
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config
+) -> None:
+    state = config.stash.get(_state_key, None)
+    if state is None or not state.results:
+        return
+    from .report import format_table
+
+    tr = terminalreporter
+    tr.write_sep("=", "LLM load summary")
+    for result in state.results:
+        for line in format_table(result.nodeid, result.summary, result.slo_results,
+                                 transport=result.transport, lag_note=None):
+            tr.write_line(line)
+        tr.write_line("")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    state = session.config.stash.get(_state_key, None)
+    if state is None:
+        return
+    if state.error_log is not None:
+        state.error_log.close()
+        state.error_log = None
+    path = _get(state, "report")
+    if path is None or getattr(session.config, "workerinput", None) is not None:
+        return
+    write_report(str(path), state, interrupted=exitstatus == pytest.ExitCode.INTERRUPTED)
+
+
+def write_report(path: str, state: _State, *, interrupted: bool) -> None:
+    from .report import test_entry, write_json_report
+
+    secrets = [str(state.cli.get("api_key") or state.ini.get("api_key") or "")]
+    config = {
+        k: (("***" if v is not None else None) if k == "api_key" else v)
+        for k, v in {**{k: v for k, v in state.ini.items()},
+                     **{k: v for k, v in state.cli.items() if v is not None}}.items()
+    }
+    tests = [
+        test_entry(r.nodeid, r.summary, r.slo_results, r.records, r.origin_ns,
+                   transport=r.transport, load=r.load)
+        for r in state.results
+    ]
+    write_json_report(path, config=config, tests=tests, secrets=[s for s in secrets if s],
+                      interrupted=interrupted)
+

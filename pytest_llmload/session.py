@@ -1,0 +1,427 @@
+"""The pytest side of a load test: run the body on the schedule, gate SLOs, stash the results.
+
+One event loop per pytest process (a daemon thread) carries every request, so connections are
+reused across tests. Async bodies run as tasks on it; sync bodies run in a thread pool sized to the
+concurrency and hand their requests to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import inspect
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from .client import Endpoint, LLMClient, StreamError, StreamResult
+from .config import LoadSettings
+from .engine import STOP_DEADLINE, STOP_INTERRUPTED, JobContext, LoadOutcome, LoadPlan, LoopThread
+from .records import RequestRecord
+
+if TYPE_CHECKING:
+    from .metrics import Summary
+    from .slo import SLOResult
+    from .tokens import Tokenizer
+
+#: Threads for sync bodies when no concurrency cap says how many requests may be in flight.
+DEFAULT_SYNC_THREADS = 64
+#: How often the progress line is refreshed during a long load test (seconds).
+PROGRESS_EVERY = 5.0
+
+MSG_ALL_FAILED = "every one of the {n} requests failed; the first errors:\n{errors}"
+MSG_NO_REQUESTS = (
+    "the load test made no request: the test body never called llm.stream() or llm.astream()."
+)
+MSG_STOPPED = (
+    "the load test was stopped at its bound of {bound:.3g} s before the schedule completed "
+    "({done} of {total} requests done); the endpoint could not keep up with the load"
+)
+
+
+@dataclass
+class _JobState:
+    """What one invocation of the body knows: when the schedule meant it to start, whether it is
+    a warm-up, the image to attach, and the records its requests produced."""
+
+    intended_start_ns: int | None
+    warmup: bool
+    image: Any = None
+    records: list[RequestRecord] = field(default_factory=list)
+
+
+_job: contextvars.ContextVar[_JobState | None] = contextvars.ContextVar("llmload_job", default=None)
+
+
+@dataclass
+class LoadResult:
+    """One test's measured load: what the reporter, the JSON report and xdist read."""
+
+    nodeid: str
+    records: list[RequestRecord]
+    origin_ns: int
+    settings: LoadSettings | None
+    outcome: LoadOutcome | None
+    summary: Summary
+    slo_results: list[SLOResult]
+    transport: str
+    load: bool
+    """True for an ``llm_load`` test, False for single measured requests of a plain test."""
+    worker: str | None = None
+
+
+class Runner:
+    """The session's one loop, client and tokenizer, created on first use."""
+
+    def __init__(
+        self,
+        endpoint_factory: Callable[[], Endpoint],
+        tokenizer_spec: str,
+        *,
+        timeout: float,
+        max_tokens: int | None,
+        worker: str | None,
+    ) -> None:
+        self._endpoint_factory = endpoint_factory
+        self.tokenizer_spec = tokenizer_spec
+        self.timeout = timeout
+        self.max_tokens = max_tokens
+        self.worker = worker
+        self._loop: LoopThread | None = None
+        self._client: LLMClient | None = None
+        self._tokenizer: Tokenizer | None = None
+        self._tokenizer_loaded = False
+        self._lock = threading.Lock()
+
+    @property
+    def loop(self) -> LoopThread:
+        with self._lock:
+            if self._loop is None:
+                self._loop = LoopThread()
+            return self._loop
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        with self._lock:
+            if not self._tokenizer_loaded:
+                from .tokens import load_tokenizer
+
+                self._tokenizer = load_tokenizer(self.tokenizer_spec)
+                self._tokenizer_loaded = True
+            return self._tokenizer
+
+    @property
+    def client(self) -> LLMClient:
+        if self._client is None:
+            tokenizer = self.tokenizer
+            with self._lock:
+                if self._client is None:
+                    self._client = LLMClient(
+                        self._endpoint_factory(),
+                        tokenizer=tokenizer,
+                        timeout=self.timeout,
+                        max_tokens=self.max_tokens,
+                        worker=self.worker,
+                    )
+        return self._client
+
+    def close(self) -> None:
+        if self._loop is None:
+            return
+        if self._client is not None:
+            try:
+                self._loop.run(self._client.aclose(), timeout=5)
+            except Exception:
+                pass
+        self._loop.close()
+        self._loop = None
+
+
+class LLM:
+    """The ``llm`` fixture: ``stream()`` and ``await astream()`` each make one measured streaming
+    request. Inside an ``llm_load`` test every call is part of the load."""
+
+    def __init__(self, runner: Runner, settings: LoadSettings | None) -> None:
+        self._runner = runner
+        self._settings = settings
+        self.records: list[RequestRecord] = []
+        """Every counted request this test made, in completion order."""
+        self._records_lock = threading.Lock()
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self._runner.client.endpoint
+
+    def _sink(self, state: _JobState | None) -> Callable[[RequestRecord], None]:
+        def sink(record: RequestRecord) -> None:
+            if state is not None:
+                state.records.append(record)
+                if state.warmup:
+                    return
+            with self._records_lock:
+                self.records.append(record)
+
+        return sink
+
+    def _request(
+        self, messages_or_prompt: str | Sequence[Mapping[str, Any]], kwargs: dict[str, Any]
+    ) -> Any:
+        state = _job.get()
+        intended = None
+        if state is not None:
+            # Only the body's first request was scheduled; later ones start when it lets them.
+            if not state.records:
+                intended = state.intended_start_ns
+            if state.image is not None and "image" not in kwargs:
+                kwargs["image"] = state.image
+        s = self._settings
+        if s is not None:
+            if s.max_tokens is not None:
+                kwargs.setdefault("max_tokens", s.max_tokens)
+            kwargs.setdefault("timeout", s.timeout)
+        return self._runner.client.astream(
+            messages_or_prompt, intended_start_ns=intended, sink=self._sink(state), **kwargs
+        )
+
+    async def astream(
+        self, messages_or_prompt: str | Sequence[Mapping[str, Any]], **kwargs: Any
+    ) -> StreamResult:
+        """Stream one chat completion; raises ``StreamError`` if the request failed."""
+        result: StreamResult = await self._request(messages_or_prompt, kwargs)
+        return result
+
+    def stream(
+        self, messages_or_prompt: str | Sequence[Mapping[str, Any]], **kwargs: Any
+    ) -> StreamResult:
+        """Blocking twin of :meth:`astream`, for sync tests and sync load bodies."""
+        coro = self._request(messages_or_prompt, kwargs)
+        result: StreamResult = self._runner.loop.run(coro)
+        return result
+
+
+def _body_error(exc: BaseException) -> tuple[str, str]:
+    if isinstance(exc, AssertionError):
+        kind = "assertion"
+    elif isinstance(exc, pytest.fail.Exception):
+        kind = "failed"
+    else:
+        kind = "body_" + type(exc).__name__.lower()
+    text = str(exc).strip().splitlines()
+    return kind, (text[0] if text else type(exc).__name__)[:500]
+
+
+def _record_body_failure(state: _JobState, sink: Callable[[RequestRecord], None],
+                         exc: BaseException) -> None:
+    """A body that raised marks its request failed: the last one it made if they all went
+    through (an assertion on the output), or a request-less failure if it made none."""
+    if isinstance(exc, StreamError) or any(not r.ok for r in state.records):
+        return  # the transport already recorded the failure
+    kind, message = _body_error(exc)
+    if state.records:
+        rec = state.records[-1]
+        rec.error_type, rec.error = kind, message
+        return
+    now = time.perf_counter_ns()
+    rec = RequestRecord(
+        start_ns=now, intended_start_ns=state.intended_start_ns, end_ns=now,
+        error_type=kind, error=message, wall_start=time.time(),
+    )
+    state.records.append(rec)
+    if not state.warmup:
+        sink(rec)
+
+
+def _plan(settings: LoadSettings, worker_index: int, worker_count: int) -> LoadPlan:
+    """The engine's plan, with a bound on the whole test so a session can never hang."""
+    s = settings
+    if s.duration is not None:
+        bound = s.duration + s.timeout + 10
+    elif s.rps is not None and s.requests is not None:
+        bound = s.requests / s.rps * 1.5 + s.timeout + 10
+    else:
+        waves = math.ceil((s.requests or 1) / max(1, s.concurrency or 1))
+        bound = waves * s.timeout + 10
+    return LoadPlan(
+        requests=s.requests,
+        rps=s.rps,
+        concurrency=s.concurrency,
+        arrival=s.arrival,
+        seed=s.seed,
+        duration=s.duration,
+        warmup=s.warmup,
+        deadline=bound,
+        worker_index=worker_index,
+        worker_count=worker_count,
+    )
+
+
+def run_load_test(
+    item: pytest.Function,
+    settings: LoadSettings,
+    llm: LLM,
+    *,
+    worker_index: int = 0,
+    worker_count: int = 1,
+    progress: Callable[[str], None] | None = None,
+) -> LoadOutcome:
+    """Run the marked body of ``item`` once per scheduled request. Returns the engine's outcome;
+    the records are in ``llm.records``."""
+    runner = llm._runner
+    fn = item.obj
+    kwargs = {name: item.funcargs[name] for name in item._fixtureinfo.argnames}
+    is_async = inspect.iscoroutinefunction(fn)
+    plan = _plan(settings, worker_index, worker_count)
+    images = None
+    if settings.include_image or settings.randomize_image_dimensions:
+        from .images import ImageFactory
+
+        images = ImageFactory(
+            include=True, randomize=settings.randomize_image_dimensions, seed=settings.seed
+        )
+    threads = None if is_async else ThreadPoolExecutor(
+        max_workers=plan.my_concurrency or DEFAULT_SYNC_THREADS, thread_name_prefix="llm_load"
+    )
+    counts = {"done": 0, "failed": 0, "in_flight": 0}
+
+    async def job(ctx: JobContext) -> None:
+        state = _JobState(ctx.intended_start_ns, ctx.warmup)
+        if images is not None:
+            # made before the request's clock starts; a warm-up gets its own image too
+            state.image = images.next(ctx.index if ctx.index >= 0 else 10_000_000 - ctx.index)
+        token = _job.set(state)
+        try:
+            if is_async:
+                await fn(**kwargs)
+            else:
+                ctx_copy = contextvars.copy_context()
+                await asyncio.get_running_loop().run_in_executor(
+                    threads, lambda: ctx_copy.run(fn, **kwargs)
+                )
+        except (Exception, AssertionError, pytest.fail.Exception) as exc:
+            _record_body_failure(state, llm._sink(state), exc)
+        finally:
+            _job.reset(token)
+
+    stop = threading.Event()
+    async def run() -> LoadOutcome:
+        from .engine import run_load
+
+        await runner.client.warmup()
+        stop_event = asyncio.Event()
+
+        def on_progress(p: Any) -> None:
+            counts.update(done=p.done, failed=p.failed, in_flight=p.in_flight)
+
+        async def watch_stop() -> None:
+            while not stop.is_set():
+                await asyncio.sleep(0.05)
+            stop_event.set()
+
+        watcher = asyncio.ensure_future(watch_stop())
+        try:
+            return await run_load(plan, job, progress=on_progress, stop=stop_event)
+        finally:
+            watcher.cancel()
+
+    fut = runner.loop.submit(run())
+    total = plan.my_requests
+    next_progress = time.monotonic() + PROGRESS_EVERY
+    try:
+        while True:
+            try:
+                return fut.result(timeout=0.1)
+            except concurrent.futures.TimeoutError:
+                pass
+            if progress is not None and time.monotonic() >= next_progress:
+                next_progress += PROGRESS_EVERY
+                of = f"/{total}" if total is not None else ""
+                progress(
+                    f"{counts['done']}{of} done, {counts['in_flight']} in flight, "
+                    f"{counts['failed']} failed"
+                )
+    except KeyboardInterrupt:
+        # Stop sending, cancel what is in flight, keep the records so far.
+        stop.set()
+        try:
+            fut.result(timeout=10)
+        except Exception:
+            fut.cancel()
+        for rec in llm.records:
+            rec.interrupted = True
+        raise
+    finally:
+        if threads is not None:
+            threads.shutdown(wait=False, cancel_futures=True)
+
+
+def summarize_test(
+    nodeid: str,
+    llm: LLM,
+    settings: LoadSettings | None,
+    outcome: LoadOutcome | None,
+    *,
+    worker: str | None = None,
+) -> LoadResult:
+    from .metrics import summarize
+    from .slo import evaluate
+
+    records = list(llm.records)
+    slos = settings.slo if settings is not None else ()
+    summary = summarize(records, slos=slos)
+    results = evaluate(slos, summary) if slos else []
+    origin = outcome.start_ns if outcome is not None else (
+        min((r.start_ns for r in records), default=0)
+    )
+    transports = sorted({r.transport for r in records if r.transport})
+    return LoadResult(
+        nodeid=nodeid,
+        records=records,
+        origin_ns=origin,
+        settings=settings,
+        outcome=outcome,
+        summary=summary,
+        slo_results=results,
+        transport=", ".join(transports) or llm._runner.client.transport,
+        load=settings is not None,
+        worker=worker,
+    )
+
+
+def gate(result: LoadResult) -> str | None:
+    """Why this load test fails, as a message for ``pytest.fail``; None if it passes."""
+    records = result.records
+    outcome = result.outcome
+    if result.load and not records:
+        return MSG_NO_REQUESTS
+    if records and all(not r.ok for r in records):
+        errors = "\n".join(
+            f"  {r.error_type}: {r.error}" for r in records[:5]
+        )
+        return MSG_ALL_FAILED.format(n=len(records), errors=errors)
+    lines = [r.message for r in result.slo_results if not r.passed]
+    if outcome is not None and outcome.stopped_reason == STOP_DEADLINE:
+        s = result.settings
+        bound = _plan(s, 0, 1).deadline if s is not None else 0.0
+        lines.append(MSG_STOPPED.format(
+            bound=bound or 0.0, done=outcome.jobs,
+            total=s.requests if s is not None and s.requests is not None else "?",
+        ))
+    return "\n".join(lines) or None
+
+
+__all__ = [
+    "LLM",
+    "STOP_INTERRUPTED",
+    "LoadResult",
+    "Runner",
+    "gate",
+    "run_load_test",
+    "summarize_test",
+]
