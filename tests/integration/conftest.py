@@ -1,0 +1,128 @@
+"""End-to-end fixtures: a tiny random Llama served by a real `transformers serve` on 127.0.0.1.
+
+Every test under tests/integration/ is marked `integration` and is skipped, with the install line
+in the reason, when the `integration` extra (torch and transformers[serving]) is missing. Select or
+deselect them with `-m integration` / `-m "not integration"`.
+
+Fixtures (session scope; one server per pytest process, so one per xdist worker):
+
+- `tiny_model_dir` -> Path of the saved model + tokenizer (built in a few seconds, seeded).
+- `transformers_server` -> TransformersServer(base_url="http://127.0.0.1:PORT/v1",
+  model="tiny-llama", model_dir, tokenizer_file, log_path, pid, continuous_batching=False,
+  startup_s, warmup_s). Requests are served one at a time, first come first served.
+- `transformers_server_cb` -> the same over `--continuous-batching`: concurrent requests are
+  batched. Started only by the tests that ask for it.
+
+See test_server_smoke.py for the wire behaviour these servers show (chunk format, end of stream,
+usage, max_tokens, concurrency).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .tiny_model import build_tiny_model, litellm_tokenizer_file
+from .transformers_server import ServerStartError, TransformersServer, run_server
+
+HERE = Path(__file__).resolve().parent
+
+# torch, and what `transformers serve` needs beyond transformers itself (its `serving` extra).
+INTEGRATION_MODULES = (
+    "torch",
+    "fastapi",
+    "uvicorn",
+    "starlette",
+    "openai",
+    "pydantic",
+    "accelerate",
+)
+SKIP_REASON = (
+    "integration extra not installed: pip install -e '.[integration]' (missing: {missing})"
+)
+
+# With --continuous-batching the server sizes its paged KV cache from free memory (several GB on a
+# 24 GB machine, and a ~10 s first request). 64 pages of 256 tokens is plenty for the tiny model.
+CB_ARGS = ("--cb-num-blocks", "64", "--cb-max-batch-tokens", "1024")
+
+
+# What the session's fixtures cost, printed at the end of the run (CI logs show where time went).
+_COSTS: list[str] = []
+
+
+def missing_integration_modules() -> list[str]:
+    return [name for name in INTEGRATION_MODULES if importlib.util.find_spec(name) is None]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # A conftest's hook sees the whole session's items: touch only the ones under this folder.
+    ours = [item for item in items if HERE in item.path.resolve().parents]
+    if not ours:
+        return
+    missing = missing_integration_modules()
+    skip = (
+        pytest.mark.skip(reason=SKIP_REASON.format(missing=", ".join(missing))) if missing else None
+    )
+    for item in ours:
+        item.add_marker(pytest.mark.integration)
+        if skip is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seeded random 2-layer Llama (hidden 64, vocab 65,000) with tokenizer and chat template."""
+    started = time.perf_counter()
+    path = build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", seed=0)
+    _COSTS.append(f"tiny model built in {time.perf_counter() - started:.1f} s: {path}")
+    return path
+
+
+def _serve(
+    model_dir: Path, tmp_path_factory: pytest.TempPathFactory, *, continuous_batching: bool
+) -> Iterator[TransformersServer]:
+    workdir = tmp_path_factory.mktemp("server_cb" if continuous_batching else "server")
+    log_path = workdir / "server.log"
+    try:
+        with run_server(
+            model_dir,
+            tokenizer_file=litellm_tokenizer_file(),
+            log_path=log_path,
+            continuous_batching=continuous_batching,
+            extra_args=CB_ARGS if continuous_batching else (),
+        ) as server:
+            _COSTS.append(
+                f"transformers serve{' --continuous-batching' if continuous_batching else ''}: "
+                f"ready in {server.startup_s:.1f} s, warm-up request {server.warmup_s:.2f} s, "
+                f"log {server.log_path}"
+            )
+            yield server
+    except ServerStartError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def transformers_server(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TransformersServer]:
+    """`transformers serve` with the tiny model pinned; requests are served one at a time."""
+    yield from _serve(tiny_model_dir, tmp_path_factory, continuous_batching=False)
+
+
+@pytest.fixture(scope="session")
+def transformers_server_cb(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TransformersServer]:
+    """`transformers serve --continuous-batching`: concurrent requests share decode steps."""
+    yield from _serve(tiny_model_dir, tmp_path_factory, continuous_batching=True)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _COSTS:
+        terminalreporter.write_sep("-", "integration fixtures")
+        for line in _COSTS:
+            terminalreporter.write_line(line)

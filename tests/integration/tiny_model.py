@@ -1,0 +1,124 @@
+"""Build a tiny, randomly initialised Llama model that `transformers serve` can load offline.
+
+Nothing here touches the network: the tokenizer is one of the Hugging Face tokenizer files that
+litellm ships inside its wheel, and the weights come from a seeded random initialisation. The
+model's output is gibberish, which is all a load test needs: a real server doing real (if cheap)
+forward passes and streaming real tokens.
+
+torch and transformers are imported inside the functions, so importing this module is free and
+works without the `integration` extra.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+# A byte-level BPE file of 65,000 tokens whose first ids are special tokens (<EOT>=0, <META>=1,
+# <META_START>=2, <META_END>=3, <SOS>=4). At hidden size 64 the embedding and the (untied) LM
+# head are 4.2 M parameters each: a 17 MB safetensors file.
+DEFAULT_TOKENIZER = "anthropic_tokenizer.json"
+EOS_TOKEN = "<EOT>"
+BOS_TOKEN = "<SOS>"
+PAD_TOKEN = "<META>"
+
+# Role markers are plain text: the tokenizer has no chat tokens and the model understands nothing
+# anyway. What matters is that apply_chat_template works and the prompt length grows with the
+# messages, as it does for a real model.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+# The shape asked for: small enough that one decode step costs a few milliseconds on one CPU core.
+MODEL_SHAPE: dict[str, Any] = {
+    "num_hidden_layers": 2,
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "intermediate_size": 128,
+    "max_position_embeddings": 2048,
+}
+
+
+class TokenizerNotFound(FileNotFoundError):
+    """litellm, or the tokenizer file it used to ship, is not installed."""
+
+
+def litellm_tokenizer_file(name: str = DEFAULT_TOKENIZER) -> Path:
+    """Path of a tokenizer JSON shipped by litellm, found without importing litellm (slow)."""
+    spec = importlib.util.find_spec("litellm")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        path = Path(location) / "litellm_core_utils" / "tokenizers" / name
+        if path.is_file():
+            return path
+    raise TokenizerNotFound(
+        f"litellm's tokenizer file {name!r} was not found under {locations!r}; "
+        "the tiny integration model needs it (is litellm installed?)."
+    )
+
+
+def _token_id(tokenizer: Any, token: str) -> int:
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if not isinstance(token_id, int) or token_id == tokenizer.unk_token_id:
+        raise ValueError(f"the tokenizer has no {token!r} token (got id {token_id!r})")
+    return token_id
+
+
+def build_tiny_model(dest: Path, *, seed: int = 0, tokenizer_file: Path | None = None) -> Path:
+    """Write a random tiny LlamaForCausalLM and its tokenizer to `dest`; return `dest`.
+
+    The same seed gives the same weights, so greedy outputs repeat from run to run.
+    Generation never stops on its own: EOS is suppressed in the saved generation config, so a
+    request always produces exactly `max_tokens` tokens (finish_reason "length"). That keeps token
+    counts in load tests exact instead of hostage to a random model's chance of sampling EOS.
+    """
+    import torch
+    from transformers import (
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+    )
+
+    tokenizer_path = tokenizer_file if tokenizer_file is not None else litellm_tokenizer_file()
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_file=str(tokenizer_path),
+        eos_token=EOS_TOKEN,
+        bos_token=BOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        model_max_length=MODEL_SHAPE["max_position_embeddings"],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+
+    eos_id, bos_id, pad_id = (_token_id(tokenizer, t) for t in (EOS_TOKEN, BOS_TOKEN, PAD_TOKEN))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        # Untied: with tied 0.02-scale embeddings the logits mirror the input embedding and the
+        # greedy model repeats the prompt's last token ("\n" forever); untied it says varied nonsense.
+        tie_word_embeddings=False,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        **MODEL_SHAPE,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+
+    model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        do_sample=False,
+        suppress_tokens=[eos_id],
+    )
+
+    dest.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    return dest
