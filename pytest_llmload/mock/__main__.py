@@ -12,6 +12,7 @@ import asyncio
 import os
 import signal
 import sys
+import threading
 
 from pytest_llmload.config import ConfigError
 from pytest_llmload.mock.server import serve
@@ -36,19 +37,22 @@ async def _run(args: argparse.Namespace) -> int:
     spec = parse_mock_spec(args.spec)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    try:
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+    except (NotImplementedError, RuntimeError):  # pragma: no cover - not on Windows
+        pass
     if args.managed:
 
-        def on_stdin() -> None:
+        def watch_stdin() -> None:
+            # Blocks until the parent closes the pipe, exits or dies: then the server stops.
             try:
-                data = os.read(0, 4096)
+                while os.read(0, 4096):
+                    pass
             except OSError:
-                data = b""
-            if not data:
-                loop.remove_reader(0)
-                stop.set()
+                pass
+            loop.call_soon_threadsafe(stop.set)
 
-        loop.add_reader(0, on_stdin)
+        threading.Thread(target=watch_stdin, name="parent-watch", daemon=True).start()
 
     def ready(port: int) -> None:
         print(
