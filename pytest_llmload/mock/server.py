@@ -365,9 +365,9 @@ class MockApp:
             raise _bad_request("The request body must be a JSON object.")
         model = req.get("model")
         rec.model = model if isinstance(model, str) and model else spec.model
-        rec.fault = fault
 
         if fault in _HTTP_FAULTS:
+            rec.fault = fault
             self._http_fault(conn, rec, fault)
             return
 
@@ -409,6 +409,7 @@ class MockApp:
         rec.response_id = f"{prefix}{self.id_prefix}{rec.id:x}"
         rec.finish_reason = finish
         rec.status = 200
+        rec.fault = fault  # only now: a request refused above never carries out its fault
         stream_options = req.get("stream_options")
         include_usage = isinstance(stream_options, dict) and bool(
             stream_options.get("include_usage")
@@ -869,7 +870,16 @@ class _Connection(asyncio.Protocol):
                 body = bytes(buf[:length])
                 del buf[:length]
             self.head = None
-            self.app.handle(self, method, target, headers, body, now)
+            try:
+                self.app.handle(self, method, target, headers, body, now)
+            except Exception:  # noqa: BLE001 - a bug here must not leave the client hanging
+                import traceback
+
+                traceback.print_exc()
+                if not self.busy:
+                    self.keep_alive = False
+                    self.send_error(500, "The mock server failed.", "server_error", None)
+                return
 
     def resume(self) -> None:
         """After a response: serve a request that was pipelined behind it, if any."""
