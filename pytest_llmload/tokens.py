@@ -101,6 +101,17 @@ def _looks_like_path(text: str) -> bool:
     )
 
 
+def _existing_path(value: str) -> Path | None:
+    """The absolute path ``value`` names, if something is there (never raises)."""
+    # os.path.expanduser leaves '~unknownuser' alone where Path.expanduser raises RuntimeError.
+    expanded = os.path.expanduser(value)
+    try:
+        path = Path(expanded)
+        return path.resolve() if path.exists() else None
+    except (OSError, ValueError, RuntimeError):  # name too long, NUL byte, symlink loop
+        return None
+
+
 def _known_tiktoken_encoding(name: str) -> bool:
     if name in _TIKTOKEN_FILES:
         return True
@@ -144,9 +155,9 @@ def parse_tokenizer_spec(text: str, option: str = "--llm-tokenizer") -> str:
                 f"{option}: 'hf:' needs a Hugging Face tokenizer name or a local path, "
                 f"got {text!r}; expected {_ACCEPTED}."
             )
-    path = Path(value).expanduser()
-    if path.exists():
-        return HF_PREFIX + str(path.resolve())
+    path = _existing_path(value)
+    if path is not None:
+        return HF_PREFIX + str(path)
     if _looks_like_path(value):
         raise ConfigError(
             f"{option}: there is no tokenizer file or folder at {os.path.expanduser(value)!r}, "

@@ -136,6 +136,10 @@ def test_parse_resolves_existing_paths(tmp_path: Path, monkeypatch: pytest.Monke
         ("./no-such-tokenizer", "no tokenizer file or folder at './no-such-tokenizer'"),
         ("/no/such/tokenizer.json", "no tokenizer file or folder at '/no/such/tokenizer.json'"),
         ("missing.json", "no tokenizer file or folder"),
+        ("~no_such_user_llmload/tok", "no tokenizer file or folder at '~no_such_user_llmload/tok'"),
+        ("/" + "a" * 5000, "no tokenizer file or folder"),
+        ("a" * 5000, "got 'aaaa"),
+        ("tok\x00.json", "no tokenizer file or folder"),
     ],
 )
 def test_parse_rejects_with_a_sentence(text: str, fragment: str) -> None:
