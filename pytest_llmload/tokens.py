@@ -223,9 +223,10 @@ class _TiktokenTokenizer:
         return len(self._encoding.encode_ordinary(text))
 
     def count_many(self, texts: Sequence[str]) -> list[int]:
-        if not texts:
-            return []
-        return [len(ids) for ids in self._encoding.encode_ordinary_batch(list(texts))]
+        # Not encode_ordinary_batch: it starts a thread pool per call, which made counting 2000
+        # streamed deltas 10-25 times slower (15-35 ms against 1-4 ms) than this loop.
+        encode = self._encoding.encode_ordinary
+        return [len(encode(text)) for text in texts]
 
     def __repr__(self) -> str:
         return f"<Tokenizer {self.name}>"
