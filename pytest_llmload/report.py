@@ -73,6 +73,10 @@ def _one_line(text: str, limit: int = 160) -> str:
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def format_table(
     nodeid: str,
     summary: Summary,
@@ -82,35 +86,46 @@ def format_table(
     lag_note: str | None = None,
     interrupted: bool = False,
     secrets: Iterable[str | None] = (),
+    load: str | None = None,
 ) -> list[str]:
     """The per-test block of the terminal summary, as lines (no trailing newlines).
 
     ``transport`` overrides the transports seen in the records; ``lag_note`` is an extra line
-    about the schedule (e.g. that the client fell behind); error messages are redacted.
+    about the schedule (e.g. that the client fell behind); ``load`` describes the load that was
+    asked for (``40 requests at 10 req/s (poisson)``); error messages are redacted.
     """
     s = summary
     head = f"LLM load: {nodeid}"
     if interrupted:
         head += "  (interrupted)"
     lines = [head]
+    if load:
+        lines.append(f"  load: {load}")
     where = transport or s.transport or "unknown transport"
     if s.total == 0:
         lines.append(f"  no requests were recorded ({where})")
     else:
-        requests = f"{s.total} requests: {s.ok} ok, {s.failed} failed"
+        requests = f"{_plural(s.total, 'request')}: {s.ok} ok, {s.failed} failed"
         if s.error_rate is not None:
             requests += f" (error rate {_pct(s.error_rate)})"
         lines.append(f"  {requests} in {format_sig(s.duration_s)} s, measured by {where}")
 
-    cells = [["", *_TABLE_STATS, "n"]]
-    for label, name in _TABLE_ROWS:
-        st: Stats = getattr(s, name)
-        cells.append([f"{label} (ms)", *(_ms(getattr(st, k)) for k in _TABLE_STATS), str(st.count)])
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
-    for row in cells:
-        first = row[0].ljust(widths[0])
-        rest = "  ".join(c.rjust(max(w, 6)) for c, w in zip(row[1:], widths[1:]))
-        lines.append(f"  {first}  {rest}".rstrip())
+    if s.ok == 0:
+        # a grid of dashes says less than a sentence
+        if s.total:
+            lines.append("  no latency figures: no request succeeded")
+    else:
+        cells = [["", *_TABLE_STATS, "n"]]
+        for label, name in _TABLE_ROWS:
+            st: Stats = getattr(s, name)
+            cells.append(
+                [f"{label} (ms)", *(_ms(getattr(st, k)) for k in _TABLE_STATS), str(st.count)]
+            )
+        widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+        for row in cells:
+            first = row[0].ljust(widths[0])
+            rest = "  ".join(c.rjust(max(w, 6)) for c, w in zip(row[1:], widths[1:]))
+            lines.append(f"  {first}  {rest}".rstrip())
 
     if s.output_throughput is not None:
         throughput = (
@@ -123,11 +138,13 @@ def format_table(
             )
         lines.append(throughput)
     if s.schedule_lag.count:
-        lines.append(
-            f"  open loop: schedule lag p99 {_ms(s.schedule_lag.p99)} ms; from intended send: "
-            f"TTFT mean {_ms(s.ttft_from_intended.mean)} ms, "
-            f"p99 {_ms(s.ttft_from_intended.p99)} ms"
-        )
+        open_loop = f"  open loop: schedule lag p99 {_ms(s.schedule_lag.p99)} ms"
+        if s.ttft_from_intended.count:
+            open_loop += (
+                f"; from intended send: TTFT mean {_ms(s.ttft_from_intended.mean)} ms, "
+                f"p99 {_ms(s.ttft_from_intended.p99)} ms"
+            )
+        lines.append(open_loop)
     if lag_note:
         lines.append(f"  {lag_note}")
     if s.interrupted:
@@ -145,6 +162,34 @@ def format_table(
                 lines.append(f"    {kind}: {_one_line(message)}")
     usable = _usable_secrets(secrets)
     return [_redact(line, usable) for line in lines]
+
+
+def format_requests_line(
+    nodeid: str, summary: Summary, *, secrets: Iterable[str | None] = ()
+) -> str:
+    """One line for a test without ``llm_load`` that made a few measured requests:
+    ``<test id>: 1 request: TTFT 201 ms, ITL mean 20.2 ms, E2E 504 ms, 16 output tokens``.
+    A grid of percentiles over one or two requests would be noise."""
+    s = summary
+    head = _plural(s.total, "request")
+    if s.failed:
+        head += ", failed" if s.total == 1 else f", {s.failed} failed"
+    figures = []
+    if s.ok:
+        mean = " mean" if s.ok > 1 else ""
+        figures.append(f"TTFT{mean} {_ms(s.ttft.mean)} ms")
+        if s.itl.count:
+            figures.append(f"ITL mean {_ms(s.itl.mean)} ms")
+        figures.append(f"E2E{mean} {_ms(s.e2e.mean)} ms")
+        figures.append(_plural(s.output_tokens_total, "output token"))
+    line = f"{nodeid}: {head}"
+    if figures:
+        line += ": " + ", ".join(figures)
+    if s.error_examples:
+        kind, message = s.error_examples[0]
+        line += f" ({kind}: {_one_line(message, 100)})" if message else f" ({kind})"
+    redacted: str = _redact(line, _usable_secrets(secrets))
+    return redacted
 
 
 def write_table(

@@ -132,12 +132,49 @@ def test_table_with_no_data_shows_dashes() -> None:
     lines = format_table(NODE, summary, results, interrupted=True, lag_note="client fell behind")
     text = "\n".join(lines)
     assert lines[0].endswith("(interrupted)")
-    assert "1 requests: 0 ok, 1 failed (error rate 100%)" in lines[1]
-    assert lines[3].split() == ["TTFT", "(ms)", "-", "-", "-", "-", "-", "0"]
+    assert "1 request: 0 ok, 1 failed (error rate 100%)" in lines[1]
+    # no grid of dashes: a sentence says there is nothing to show
+    assert lines[2] == "  no latency figures: no request succeeded"
+    assert not any(line.lstrip().startswith(("TTFT", "ITL", "E2E")) for line in lines)
     assert "  client fell behind" in lines
     assert "open loop" not in text  # no intended send times: closed loop
     assert "could not be checked: there were no successful requests (1 failed)" in text
     assert "nan" not in text.lower() and "None" not in text
+
+
+def test_table_names_the_load_asked_for() -> None:
+    _, summary, results = summary_and_results()
+    lines = format_table(NODE, summary, results, load="12 requests at 5 req/s (poisson)")
+    assert lines[1] == "  load: 12 requests at 5 req/s (poisson)"
+    assert lines[2].startswith("  12 requests: 10 ok, 2 failed")
+
+
+def test_open_loop_line_without_successes_shows_only_the_lag() -> None:
+    records = [rec(5, [], error_type="http_500", error="boom", end_ms=9, intended_ms=0)]
+    lines = format_table(NODE, summarize(records), [])
+    assert "  open loop: schedule lag p99 5.00 ms" in lines
+    assert "None" not in "\n".join(lines) and " - ms" not in "\n".join(lines)
+
+
+def test_requests_line_of_a_plain_test() -> None:
+    one = [rec(0, [100, 120, 140, 160])]
+    assert report.format_requests_line(NODE, summarize(one)) == (
+        f"{NODE}: 1 request: TTFT 100 ms, ITL mean 20.0 ms, E2E 160 ms, 4 output tokens"
+    )
+    two = [*one, rec(500, [], error_type="http_429", error=f"slow down {KEY}", end_ms=510)]
+    line = report.format_requests_line(NODE, summarize(two), secrets=[KEY])
+    assert line == (
+        f"{NODE}: 2 requests, 1 failed: TTFT 100 ms, ITL mean 20.0 ms, E2E 160 ms, "
+        "4 output tokens (http_429: slow down ***)"
+    )
+    three = [*two, rec(1000, [1300, 1310])]
+    assert report.format_requests_line(NODE, summarize(three)).startswith(
+        f"{NODE}: 3 requests, 1 failed: TTFT mean 200 ms, ITL mean"
+    )
+    failed = [rec(0, [], error_type="timeout", error="no bytes", end_ms=10)]
+    assert report.format_requests_line(NODE, summarize(failed)) == (
+        f"{NODE}: 1 request, failed (timeout: no bytes)"
+    )
 
 
 def test_table_with_no_records() -> None:
