@@ -194,10 +194,15 @@ async def run_load(
     *,
     progress: Callable[[Progress], None] | None = None,
     stop: asyncio.Event | None = None,
+    start_at: Callable[[], Awaitable[int]] | None = None,
 ) -> LoadOutcome:
     """Run ``plan``: warm-up jobs first (never counted), then the schedule. Returns when every job
     has finished, or when the duration, the deadline or ``stop`` ends it; in-flight jobs are then
-    cancelled (deadline, stop) or allowed to finish within their own bounds (duration)."""
+    cancelled (deadline, stop) or allowed to finish within their own bounds (duration).
+
+    ``start_at``, awaited after the warm-up, returns the instant (``perf_counter_ns``) the schedule
+    starts at: xdist workers that share one schedule must share its start, or their arrivals do
+    not interleave into the configured process."""
     total = plan.my_requests
     tracker = _Tracker(total, progress)
     tasks: set[asyncio.Task[None]] = set()
@@ -219,7 +224,11 @@ async def run_load(
             )
 
     outcome = tracker.outcome
-    outcome.start_ns = time.perf_counter_ns()
+    if start_at is not None:
+        outcome.start_ns = await start_at()
+        await _sleep_until(outcome.start_ns)
+    else:
+        outcome.start_ns = time.perf_counter_ns()
 
     async def run_all() -> str | None:
         reason = await _dispatch(plan, job, tracker, spawn, outcome.start_ns)

@@ -14,7 +14,7 @@ import inspect
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -270,9 +270,10 @@ def run_load_test(
     worker_index: int = 0,
     worker_count: int = 1,
     progress: Callable[[str], None] | None = None,
+    start_at: Callable[[], Awaitable[int]] | None = None,
 ) -> LoadOutcome:
     """Run the marked body of ``item`` once per scheduled request. Returns the engine's outcome;
-    the records are in ``llm.records``."""
+    the records are in ``llm.records``. ``start_at``: as in :func:`~.engine.run_load`."""
     runner = llm._runner
     fn = item.obj
     kwargs = {name: item.funcargs[name] for name in item._fixtureinfo.argnames}
@@ -326,7 +327,9 @@ def run_load_test(
 
         watcher = asyncio.ensure_future(watch_stop())
         try:
-            return await run_load(plan, job, progress=on_progress, stop=stop_event)
+            return await run_load(
+                plan, job, progress=on_progress, stop=stop_event, start_at=start_at
+            )
         finally:
             watcher.cancel()
 
