@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import contextvars
 import inspect
 import math
@@ -136,10 +137,9 @@ class Runner:
         if self._loop is None:
             return
         if self._client is not None:
-            try:
+            # closing at the end of the session: a connection that fails to close changes nothing
+            with contextlib.suppress(Exception):
                 self._loop.run(self._client.aclose(), timeout=5)
-            except Exception:
-                pass
         self._loop.close()
         self._loop = None
 
@@ -194,15 +194,25 @@ class LLM:
         self, messages_or_prompt: str | Sequence[Mapping[str, Any]], **kwargs: Any
     ) -> StreamResult:
         """Stream one chat completion; raises ``StreamError`` if the request failed."""
-        result: StreamResult = await self._request(messages_or_prompt, kwargs)
+        __tracebackhide__ = True
+        try:
+            result: StreamResult = await self._request(messages_or_prompt, kwargs)
+        except StreamError as exc:
+            # the failure is the endpoint's, not a bug in the transport: show the test's line
+            # and the error, not the event loop's machinery
+            raise exc.with_traceback(None) from None
         return result
 
     def stream(
         self, messages_or_prompt: str | Sequence[Mapping[str, Any]], **kwargs: Any
     ) -> StreamResult:
         """Blocking twin of :meth:`astream`, for sync tests and sync load bodies."""
+        __tracebackhide__ = True
         coro = self._request(messages_or_prompt, kwargs)
-        result: StreamResult = self._runner.loop.run(coro)
+        try:
+            result: StreamResult = self._runner.loop.run(coro)
+        except StreamError as exc:
+            raise exc.with_traceback(None) from None
         return result
 
 
@@ -305,7 +315,8 @@ def run_load_test(
                 await asyncio.get_running_loop().run_in_executor(
                     threads, lambda: ctx_copy.run(fn, **kwargs)
                 )
-        except (Exception, AssertionError, pytest.fail.Exception) as exc:
+        except (Exception, AssertionError, pytest.fail.Exception) as exc:  # noqa: BLE001
+            # whatever the body raised ends this request, not the load test
             _record_body_failure(state, llm._sink(state), exc)
         finally:
             _job.reset(token)
@@ -354,7 +365,7 @@ def run_load_test(
         stop.set()
         try:
             fut.result(timeout=10)
-        except Exception:
+        except Exception:  # noqa: BLE001 - the interrupt is what the user sees; just stop
             fut.cancel()
         for rec in llm.records:
             rec.interrupted = True
@@ -397,6 +408,22 @@ def summarize_test(
     )
 
 
+def _first_errors(records: Sequence[RequestRecord], limit: int = 5) -> str:
+    """The first ``limit`` distinct errors, in order of first appearance, each with how many
+    requests it ended: a wall of identical lines hides a second kind of failure."""
+    counts: dict[tuple[str, str], int] = {}
+    for r in records:
+        key = (r.error_type or "error", " ".join((r.error or "").split())[:300])
+        if key in counts:
+            counts[key] += 1
+        elif len(counts) < limit:
+            counts[key] = 1
+    return "\n".join(
+        f"  {kind}: {message}" + (f" (x{n})" if n > 1 else "") if message else f"  {kind} (x{n})"
+        for (kind, message), n in counts.items()
+    )
+
+
 def gate(result: LoadResult) -> str | None:
     """Why this load test fails, as a message for ``pytest.fail``; None if it passes."""
     records = result.records
@@ -404,10 +431,7 @@ def gate(result: LoadResult) -> str | None:
     if result.load and not records:
         return MSG_NO_REQUESTS
     if records and all(not r.ok for r in records):
-        errors = "\n".join(
-            f"  {r.error_type}: {r.error}" for r in records[:5]
-        )
-        return MSG_ALL_FAILED.format(n=len(records), errors=errors)
+        return MSG_ALL_FAILED.format(n=len(records), errors=_first_errors(records))
     lines = [r.message for r in result.slo_results if not r.passed]
     if outcome is not None and outcome.stopped_reason == STOP_DEADLINE:
         s = result.settings
