@@ -192,8 +192,8 @@ def anomalies(resp: Raw, log: dict[str, Any] | None, *, tokens: int, stall_ns: i
         found.add("empty")
     elif "[DONE]" not in resp.events:
         found.add("no_done")
-    if log is not None and len(log["chunk_ns"]) > 1:
-        gaps = [b - a for a, b in itertools.pairwise(log["chunk_ns"])]
+    if log is not None and len(log["due_ns"]) > 1:
+        gaps = [b - a for a, b in itertools.pairwise(log["due_ns"])]
         if max(gaps) > stall_ns // 2:
             found.add("stall")
     return found
@@ -215,18 +215,21 @@ def last_log(server: MockServer) -> dict[str, Any]:
     return server.requests()[-1]
 
 
-#: How late a single send may be in the functional tests: timers fire up to 1 ms late by design
-#: (epoll's millisecond timeout), more when neighbours keep both cores busy. Precision proper is
-#: measured over many chunks in test_chunks_follow_the_schedule.
-LATE_MS = 8.0
+#: How late a single send may be in the functional tests. Timers fire up to 1 ms late by design
+#: (epoll's millisecond timeout), and several ms late when neighbours keep both cores busy; the
+#: schedule itself (``due_ns``) is checked exactly, and precision is measured over many chunks in
+#: test_chunks_follow_the_schedule.
+LATE_MS = 50.0
 
 
 def assert_sent_at(log: dict[str, Any], expected_ms: list[float]) -> None:
-    """Each content chunk left at its scheduled offset from receipt: never early, barely late."""
-    offsets = [(t - log["received_ns"]) / MS for t in log["chunk_ns"]]
-    assert len(offsets) == len(expected_ms), (offsets, expected_ms)
-    late = [o - e for o, e in zip(offsets, expected_ms)]
-    assert all(-0.05 < d < LATE_MS for d in late), (offsets, expected_ms)
+    """Each content chunk was due at exactly its expected offset from receipt, and left then:
+    never early, and not absurdly late."""
+    due = [(t - log["received_ns"]) / MS for t in log["due_ns"]]
+    assert due == pytest.approx(expected_ms, abs=1e-6)
+    late = [(s - d) / MS for s, d in zip(log["chunk_ns"], log["due_ns"])]
+    assert len(late) == len(expected_ms)
+    assert all(-0.05 < d < LATE_MS for d in late), late
 
 
 # -- spec parsing -----------------------------------------------------------------------------
@@ -603,8 +606,8 @@ def _accuracy(srv: MockServer, n: int, tokens: int) -> dict[str, float]:
         log = logs[response_id]
         sent = log["chunk_ns"]
         assert len(sent) == len(received) == tokens == log["completion_tokens"]
-        for i, t in enumerate(sent):
-            schedule_err.append((t - (log["received_ns"] + ttft + i * itl)) / MS)
+        assert log["due_ns"] == [log["received_ns"] + ttft + i * itl for i in range(tokens)]
+        schedule_err.extend((t - due) / MS for t, due in zip(sent, log["due_ns"]))
         delivery.extend((r - s) / MS for r, s in zip(received, sent))
     return {
         "schedule_mean": statistics.mean(schedule_err),
@@ -618,8 +621,9 @@ def _accuracy(srv: MockServer, n: int, tokens: int) -> dict[str, float]:
 @pytest.mark.parametrize("streams", [1, 64])
 def test_chunks_follow_the_schedule(streams: int) -> None:
     with MockServer.start("ttft=40ms,itl=20ms,tokens=30") as srv:
-        # One retry: a neighbour hogging both cores can delay a whole round by milliseconds.
-        for attempt in range(2):
+        # Retries: a neighbour hogging both cores delays a whole round by milliseconds (the OS
+        # scheduler, not the server); on an idle 2-core machine both means are ~0.1-0.7 ms.
+        for _attempt in range(3):
             figures = _accuracy(srv, streams, 30)
             # Never early (a few microseconds of float rounding aside), and the client sees the
             # chunk after the server sent it, on the same clock.
@@ -632,16 +636,25 @@ def test_chunks_follow_the_schedule(streams: int) -> None:
             pytest.fail(f"chunks off schedule by more than 2 ms on average: {figures}")
 
 
-def test_jitter_varies_gaps_within_bounds() -> None:
-    with MockServer.start("ttft=10ms,itl=10ms,tokens=40,jitter=0.5,seed=3") as srv:
+def _due_offsets(spec: str) -> list[float]:
+    with MockServer.start(spec) as srv:
         raw_request(srv.port, CHAT, chat_body(stream=True))
-        t = srv.requests()[-1]["chunk_ns"]
-    gaps = sorted((b - a) / MS for a, b in itertools.pairwise(t))
-    # Each gap is 10 ms * U(0.5, 1.5) (sd 2.9 ms); a late chunk on a busy machine shortens the
-    # next gap, so look at the bulk of the distribution rather than its extremes.
-    assert statistics.mean(gaps) == pytest.approx(10, abs=1)
-    assert gaps[3] >= 4.0 and gaps[-4] <= 16.0
-    assert statistics.pstdev(gaps) > 1.5
+        log = srv.requests()[-1]
+    assert all(s >= d - 50_000 for s, d in zip(log["chunk_ns"], log["due_ns"]))
+    return [(t - log["received_ns"]) / MS for t in log["due_ns"]]
+
+
+def test_jitter_varies_gaps_within_bounds() -> None:
+    due = _due_offsets("ttft=10ms,itl=10ms,tokens=40,jitter=0.5,seed=3")
+    # TTFT and every gap are 10 ms * U(0.5, 1.5): sd 2.9 ms, seeded.
+    gaps = [b - a for a, b in itertools.pairwise([0.0, *due])]
+    assert all(5.0 <= g <= 15.0 for g in gaps), gaps
+    assert statistics.pstdev(gaps) > 2.0
+    assert statistics.mean(gaps) == pytest.approx(10, abs=1.5)
+    assert _due_offsets("ttft=10ms,itl=10ms,tokens=40,jitter=0.5,seed=3") == due
+    assert _due_offsets("ttft=10ms,itl=10ms,tokens=40,jitter=0.5,seed=4") != due
+    steady = _due_offsets("ttft=10ms,itl=10ms,tokens=40,seed=3")
+    assert steady == pytest.approx([10.0 + 10 * i for i in range(40)], abs=1e-6)
 
 
 # -- faults: each one happens when, and only when, it is asked for -----------------------------
@@ -880,6 +893,13 @@ def test_remote_image_urls_are_recorded_and_refused(server: MockServer) -> None:
     assert last_log(server)["images"] == [
         {"width": None, "height": None, "bytes": None, "url": url}
     ]
+
+
+def test_a_refused_request_carries_out_no_fault(server: MockServer) -> None:
+    body = {"messages": _image_message("http://example.com/x.png"), **STREAM}
+    resp = raw_request(server.port, CHAT, body, headers={"X-Mock-Fault": "drop"})
+    assert resp.status == 400 and resp.complete
+    assert last_log(server)["fault"] is None
 
 
 def test_unreadable_image_is_a_400(server: MockServer) -> None:

@@ -6,9 +6,10 @@ hand. Importing this package is cheap: the server (asyncio) lives in ``server.py
 child process imports it.
 
 Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streaming or not),
-``GET /v1/models``, ``GET /health``; control: ``GET /mock/requests[?since=ID]`` (per-request
-``received_ns``, ``chunk_ns`` and ``chunk_tokens`` of every content chunk, taken with
-``time.perf_counter_ns()`` just before the write), ``GET /mock/stats``, ``POST /mock/reset``.
+``GET /v1/models``, ``GET /health``; control: ``GET /mock/requests[?since=ID]`` (per request:
+``received_ns``; for every content chunk ``chunk_ns``, taken with ``time.perf_counter_ns()`` just
+before the write, ``due_ns``, the instant its schedule set, and ``chunk_tokens``),
+``GET /mock/stats``, ``POST /mock/reset``.
 
 Spec keys (:data:`SPEC_KEYS`): ``ttft``, ``itl`` (per token: a chunk of k tokens follows the
 previous one by k*itl), ``tokens``, ``jitter``, ``chunk_tokens``, ``error_rate``, ``seed``,

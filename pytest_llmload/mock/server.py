@@ -92,6 +92,7 @@ class RequestLog:
         "chunk_tokens",
         "completion_tokens",
         "disconnected",
+        "due_ns",
         "end_ns",
         "fault",
         "finish_reason",
@@ -112,6 +113,7 @@ class RequestLog:
         self.path = path
         self.received_ns = received_ns
         self.chunk_ns: array[int] = array("q")
+        self.due_ns: array[int] = array("q")
         self.chunk_tokens: array[int] = array("l")
         self.end_ns: int | None = None
         self.completion_tokens = 0
@@ -132,6 +134,7 @@ class RequestLog:
             "path": self.path,
             "received_ns": self.received_ns,
             "chunk_ns": list(self.chunk_ns),
+            "due_ns": list(self.due_ns),
             "chunk_tokens": list(self.chunk_tokens),
             "end_ns": self.end_ns,
             "completion_tokens": self.completion_tokens,
@@ -659,6 +662,7 @@ class _Stream:
             out += self.tail
         rec.chunk_tokens.append(count)
         rec.completion_tokens += count
+        rec.due_ns.append(self.target_ns)
         rec.chunk_ns.append(perf_counter_ns())
         conn.write_chunk(out, end)
         if last:
@@ -739,6 +743,7 @@ class _Stream:
         rec.completion_tokens = self.n_tokens
         if self.n_tokens:
             rec.chunk_tokens.append(self.n_tokens)
+            rec.due_ns.append(self.target_ns)
             rec.chunk_ns.append(perf_counter_ns())
         conn.stream = None
         conn.busy = False
