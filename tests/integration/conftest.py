@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from .tiny_model import build_tiny_model, litellm_tokenizer_file
+from .tiny_model import BuildError, build_tiny_model_in_subprocess, litellm_tokenizer_file
 from .transformers_server import ServerStartError, TransformersServer, run_server
 
 HERE = Path(__file__).resolve().parent
@@ -77,7 +77,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A seeded random 2-layer Llama (hidden 64, vocab 65,000) with tokenizer and chat template."""
     started = time.perf_counter()
-    path = build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", seed=0)
+    try:
+        path = build_tiny_model_in_subprocess(
+            tmp_path_factory.mktemp("models") / "tiny-llama", seed=0
+        )
+    except BuildError as exc:
+        pytest.fail(str(exc), pytrace=False)
     _COSTS.append(f"tiny model built in {time.perf_counter() - started:.1f} s: {path}")
     return path
 

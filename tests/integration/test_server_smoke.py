@@ -193,9 +193,10 @@ def test_without_continuous_batching_requests_queue(
     The role chunk is sent at once though, so a load tester that took it for the first token
     would report a TTFT that hides the queueing.
     """
-    streams = stream_many(transformers_server, 3, max_tokens=16)
+    # 64 tokens take ~0.2 s, far longer than it takes the three requests to arrive.
+    streams = stream_many(transformers_server, 3, max_tokens=64)
     for stream in streams:
-        assert_complete_stream(stream, transformers_server, max_tokens=16)
+        assert_complete_stream(stream, transformers_server, max_tokens=64)
     spans = sorted((s.content_ns()[0], s.content_ns()[-1]) for s in streams)
     for (_, end), (start, _) in itertools.pairwise(spans):
         assert start > end, "streams overlapped on a server without continuous batching"
@@ -206,9 +207,9 @@ def test_without_continuous_batching_requests_queue(
 def test_continuous_batching_interleaves_requests(
     transformers_server_cb: TransformersServer,
 ) -> None:
-    streams = stream_many(transformers_server_cb, 4, max_tokens=32)
+    streams = stream_many(transformers_server_cb, 4, max_tokens=64)
     for stream in streams:
-        assert_complete_stream(stream, transformers_server_cb, max_tokens=32)
+        assert_complete_stream(stream, transformers_server_cb, max_tokens=64)
     spans = sorted((s.content_ns()[0], s.content_ns()[-1]) for s in streams)
     overlapping = sum(1 for (_, end), (start, _) in itertools.pairwise(spans) if start < end)
     assert overlapping >= 1, "no two streams overlapped with --continuous-batching"

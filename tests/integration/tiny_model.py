@@ -6,12 +6,17 @@ model's output is gibberish, which is all a load test needs: a real server doing
 forward passes and streaming real tokens.
 
 torch and transformers are imported inside the functions, so importing this module is free and
-works without the `integration` extra.
+works without the `integration` extra. The fixtures build in a child process
+(`build_tiny_model_in_subprocess`), which keeps torch, its threads and its global RNG out of the
+test process; the cost (~4 s, nearly all of it importing torch and transformers) is the same.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -122,3 +127,56 @@ def build_tiny_model(dest: Path, *, seed: int = 0, tokenizer_file: Path | None =
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
     return dest
+
+
+class BuildError(RuntimeError):
+    """The child process that builds the model failed; the message carries its output."""
+
+
+def build_tiny_model_in_subprocess(dest: Path, *, seed: int = 0, timeout: float = 300.0) -> Path:
+    """`build_tiny_model` in a fresh interpreter (this file run as a script); return `dest`."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
+    cmd = [sys.executable, str(Path(__file__).resolve()), str(dest), "--seed", str(seed)]
+    try:
+        proc = subprocess.run(
+            cmd,
+            check=False,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise BuildError(f"building the tiny model took over {timeout:.0f} s: {cmd!r}") from exc
+    if proc.returncode != 0 or not (dest / "config.json").is_file():
+        output = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
+        raise BuildError(
+            f"building the tiny model failed (exit code {proc.returncode}): {cmd!r}\n{output}"
+        )
+    return dest
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python tiny_model.py DEST [--seed N]`: build in a child process, away from the test one."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("dest", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer-file", type=Path, default=None)
+    args = parser.parse_args(argv)
+    build_tiny_model(args.dest, seed=args.seed, tokenizer_file=args.tokenizer_file)
+
+
+if __name__ == "__main__":
+    main()
