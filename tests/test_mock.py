@@ -767,6 +767,16 @@ def test_fault_empty(server: MockServer) -> None:
     assert last_log(server)["completion_tokens"] == 0
 
 
+def test_faults_and_overrides_as_body_fields(server: MockServer) -> None:
+    # For clients that can add body fields (openai/litellm extra_body) but not headers.
+    resp = raw_request(server.port, CHAT, chat_body(mock_fault="http_429"))
+    assert resp.status == 429 and last_log(server)["fault"] == "http_429"
+    resp = raw_request(server.port, CHAT, chat_body(mock_spec="tokens=3", **STREAM))
+    assert len(resp.content_chunks()) == 3 and last_log(server)["fault"] is None
+    resp = raw_request(server.port, CHAT, chat_body(mock_spec="tokens=lots"))
+    assert resp.status == 400 and resp.json()["error"]["message"].startswith("mock_spec: ")
+
+
 def test_unknown_fault_header_is_a_400(server: MockServer) -> None:
     resp = raw_request(server.port, CHAT, chat_body(), headers={"X-Mock-Fault": "explode"})
     assert resp.status == 400 and "explode" in resp.json()["error"]["message"]

@@ -24,7 +24,8 @@ the header ``X-Mock-Fault: <name>`` (``none`` switches the spec's fault off for 
 ``malformed`` (a non-SSE line there), ``badjson`` (a data line that is not JSON), ``stall``
 (a ``stall``-long pause there), ``no_done`` (no ``data: [DONE]``), ``cut`` (connection closed
 after the content, before finish/usage/[DONE]), ``empty`` (role chunk, then [DONE]). The header
-``X-Mock-Spec: <spec>`` overrides spec keys for one request.
+``X-Mock-Spec: <spec>`` overrides spec keys for one request. Clients that can add body fields but
+not headers (``extra_body``) may send ``"mock_fault"`` and ``"mock_spec"`` instead.
 """
 
 from __future__ import annotations

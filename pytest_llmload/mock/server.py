@@ -191,13 +191,13 @@ class MockApp:
         # offset maps one onto the other.
         self.clock_offset = loop.time() - perf_counter_ns() / 1e9
 
-    def spec_for(self, override: str | None) -> MockSpec:
+    def spec_for(self, override: str | None, option: str = "X-Mock-Spec") -> MockSpec:
         if not override:
             return self.spec
         spec = self._spec_cache.get(override)
         if spec is None:
             try:
-                spec = parse_mock_spec(override, "X-Mock-Spec", base=self.spec)
+                spec = parse_mock_spec(override, option, base=self.spec)
             except ConfigError as exc:
                 raise _bad_request(str(exc), "invalid_mock_spec") from None
             if len(self._spec_cache) > 256:
@@ -326,14 +326,27 @@ class MockApp:
     def _completion(
         self, conn: _Connection, rec: RequestLog, chat: bool, headers: dict[str, str], body: bytes
     ) -> None:
-        spec = self.spec_for(headers.get("x-mock-spec"))
+        try:
+            req = json.loads(body)
+        except ValueError:
+            raise _bad_request("The request body is not valid JSON.") from None
+        if not isinstance(req, dict):
+            raise _bad_request("The request body must be a JSON object.")
+        model = req.get("model")
+        # Per-request overrides: headers, or body fields for clients that can only add those
+        # (litellm/openai ``extra_body``).
+        override = headers.get("x-mock-spec")
+        option = "X-Mock-Spec"
+        if override is None and isinstance(req.get("mock_spec"), str):
+            override, option = req["mock_spec"], "mock_spec"
+        spec = self.spec_for(override, option)
         # Seeded decisions are drawn for every request, so the sequence doesn't depend on faults.
         fault_draw = self.rng.random() if 0.0 < spec.fault_rate < 1.0 else 0.0
         error_draw = self.rng.random() if 0.0 < spec.error_rate < 1.0 else 0.0
-        requested = headers.get("x-mock-fault")
+        requested = headers.get("x-mock-fault", req.get("mock_fault"))
         fault: str | None
         if requested is not None:
-            fault = requested.strip().lower()
+            fault = str(requested).strip().lower()
             if fault in ("", "none"):
                 fault = None
             elif fault not in FAULTS:
@@ -347,6 +360,7 @@ class MockApp:
             fault = spec.fault
         else:
             fault = None
+        rec.model = model if isinstance(model, str) and model else spec.model
         if (
             fault is None
             and spec.error_rate > 0.0
@@ -359,15 +373,6 @@ class MockApp:
                 "server_error",
                 None,
             )
-
-        try:
-            req = json.loads(body)
-        except ValueError:
-            raise _bad_request("The request body is not valid JSON.") from None
-        if not isinstance(req, dict):
-            raise _bad_request("The request body must be a JSON object.")
-        model = req.get("model")
-        rec.model = model if isinstance(model, str) and model else spec.model
 
         if fault in _HTTP_FAULTS:
             rec.fault = fault
