@@ -12,8 +12,10 @@ Two transports (DESIGN.md, "Transports"):
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
+import re
 import time
 from array import array
 from collections.abc import Callable, Mapping, Sequence
@@ -50,6 +52,8 @@ ERR_PROTOCOL = "protocol"
 ERR_SERVER = "server_error"
 ERR_EMPTY = "empty"
 ERR_CANCELLED = "cancelled"
+ERR_CLIENT = "client"
+"""The request was never sent: the client refused to make it (e.g. no credentials)."""
 
 _MAX_MESSAGE = 500
 
@@ -363,7 +367,10 @@ class LLMClient:
         self._session: aiohttp.ClientSession | None = None
         self._url: str | None = None
         self._headers: dict[str, str] = {}
-        self._secret: str | None = endpoint.api_key
+        # what to scrub from error messages; with no key given, the one litellm will read itself
+        self._secret: str | None = endpoint.api_key or os.environ.get(
+            endpoint.provider.upper().replace("-", "_") + "_API_KEY"
+        )
         self._warm = False
         self._warm_lock: asyncio.Lock | None = None
 
@@ -474,8 +481,14 @@ class LLMClient:
             worker=self.worker,
             image=image_meta,
         )
-        fn = self._litellm_stream if self.transport == TRANSPORT_LITELLM else self._sse_stream
-        return await self._run(fn, payload, record, sink or self.sink, timeout or self.timeout)
+        timeout = timeout or self.timeout
+        fn: Callable[[dict[str, Any], RequestRecord], Any]
+        if self.transport == TRANSPORT_LITELLM:
+            import_litellm()  # seconds on first use: never inside the request's clock or timeout
+            fn = functools.partial(self._litellm_stream, timeout=timeout)
+        else:
+            fn = self._sse_stream
+        return await self._run(fn, payload, record, sink or self.sink, timeout)
 
     async def _run(
         self,
@@ -489,8 +502,11 @@ class LLMClient:
         try:
             result: StreamResult = await asyncio.wait_for(fn(payload, record), timeout)
             state.append(result)
-        except asyncio.TimeoutError:
-            self._fail(record, ERR_TIMEOUT, f"no complete response within {timeout:g} s")
+        except asyncio.TimeoutError as exc:
+            if type(exc) is asyncio.TimeoutError:  # wait_for's own: the whole request took too long
+                self._fail(record, ERR_TIMEOUT, f"no complete response within {timeout:g} s")
+            else:  # a transport's timeout subclass (e.g. aiohttp's connect timeout): classified
+                self._fail(record, *self._classify(exc))
         except asyncio.CancelledError:
             self._fail(record, ERR_CANCELLED, "cancelled before the response completed")
             record.interrupted = True
@@ -499,8 +515,16 @@ class LLMClient:
             raise
         except _RequestFailed:
             pass  # already marked
-        except Exception as exc:  # the transport's own failures, classified
-            self._fail(record, *self._classify(exc))
+        except Exception as exc:  # noqa: BLE001 - the transport's own failures, classified
+            kind, message = self._classify(exc)
+            if kind == ERR_EMPTY and record.chunk_ns:
+                kind = ERR_DISCONNECT  # output arrived, then the stream stopped short
+            if kind == ERR_DISCONNECT:
+                message = (
+                    f"the connection closed after {len(record.chunk_ns)} output chunks, before "
+                    f"the stream completed: {message}"
+                )
+            self._fail(record, kind, message)
         if record.end_ns is None:
             record.end_ns = time.perf_counter_ns()
         if sink is not None:
@@ -522,36 +546,22 @@ class LLMClient:
             return ERR_PROTOCOL, msg
         if isinstance(exc, _ServerError):
             return ERR_SERVER, msg
-        try:
-            import aiohttp
-        except ImportError:  # pragma: no cover
-            aiohttp = None  # type: ignore[assignment]
-        if aiohttp is not None:
-            dns_error = getattr(aiohttp, "ClientConnectorDNSError", None)
-            if dns_error is not None and isinstance(exc, dns_error):
-                return ERR_DNS, msg
-            if isinstance(exc, aiohttp.ClientConnectorError):
-                if "Name or service not known" in msg or "getaddrinfo" in msg.lower():
-                    return ERR_DNS, msg
-                return ERR_CONNECT, msg
-            if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError)):
-                return ERR_DISCONNECT, msg
-            if isinstance(exc, aiohttp.ClientResponseError):
-                return f"http_{exc.status}", msg
-            if isinstance(exc, aiohttp.ClientError):
-                return ERR_DISCONNECT, f"{name}: {msg}"
-        if isinstance(exc, ConnectionError):
-            return ERR_DISCONNECT, f"{name}: {msg}"
+        status = getattr(exc, "status", None)
+        if type(exc).__name__ == "ClientResponseError" and isinstance(status, int):
+            return f"http_{status}", msg
         return _litellm_error(exc)
 
     async def _sse_stream(self, payload: dict[str, Any], record: RequestRecord) -> StreamResult:
         session = await self._get_session()
         assert self._url is not None
+        # litellm's ``extra_headers`` keyword means HTTP headers here too, not a body field
+        extra_headers = payload.pop("extra_headers", None)
+        headers = {**self._headers, **extra_headers} if extra_headers else self._headers
         body = json.dumps(payload).encode()
         stream = _Stream(record)
         record.wall_start = time.time()
         record.start_ns = time.perf_counter_ns()
-        async with session.post(self._url, data=body, headers=self._headers) as resp:
+        async with session.post(self._url, data=body, headers=headers) as resp:
             if resp.status != 200:
                 err_body = await resp.content.read(64 * 1024)
                 self._fail(record, f"http_{resp.status}", _http_message(resp.status, err_body))
@@ -603,7 +613,9 @@ class LLMClient:
             finish_reason=finish_reason,
         )
 
-    async def _litellm_stream(self, payload: dict[str, Any], record: RequestRecord) -> StreamResult:
+    async def _litellm_stream(
+        self, payload: dict[str, Any], record: RequestRecord, timeout: float | None = None
+    ) -> StreamResult:
         litellm = import_litellm()
         ep = self.endpoint
         kwargs = dict(payload)
@@ -624,7 +636,7 @@ class LLMClient:
         record.start_ns = clock()
         # No hidden retries: the load must be exactly what was asked.
         resp = await litellm.acompletion(
-            stream=True, num_retries=0, max_retries=0, timeout=self.timeout, **kwargs
+            stream=True, num_retries=0, max_retries=0, timeout=timeout or self.timeout, **kwargs
         )
         async for chunk in resp:
             t = clock()
@@ -665,19 +677,123 @@ class _RequestFailed(Exception):
     """The record is already marked failed."""
 
 
+#: Error kind of an exception class, looked up by the names in its MRO (most specific first), so
+#: aiohttp, httpx, openai and litellm exceptions are recognised without importing those libraries.
+_KIND_BY_CLASS = {
+    # the host name does not resolve
+    "gaierror": ERR_DNS,
+    "ClientConnectorDNSError": ERR_DNS,
+    # no connection: refused, unreachable, TLS set-up, connect timeout
+    "ConnectionRefusedError": ERR_CONNECT,
+    "ConnectionTimeoutError": ERR_CONNECT,
+    "ConnectTimeout": ERR_CONNECT,
+    "ClientConnectorError": ERR_CONNECT,
+    "ClientSSLError": ERR_CONNECT,
+    "ConnectError": ERR_CONNECT,
+    "APIConnectionError": ERR_CONNECT,  # openai's wrapper: only when nothing deeper says more
+    # the server took too long
+    "TimeoutError": ERR_TIMEOUT,
+    "TimeoutException": ERR_TIMEOUT,
+    "APITimeoutError": ERR_TIMEOUT,
+    "Timeout": ERR_TIMEOUT,
+    # the connection broke during the response
+    "ClientPayloadError": ERR_DISCONNECT,
+    "ServerDisconnectedError": ERR_DISCONNECT,
+    "ClientConnectionError": ERR_DISCONNECT,
+    "ReadError": ERR_DISCONNECT,
+    "RemoteProtocolError": ERR_DISCONNECT,
+    "ConnectionResetError": ERR_DISCONNECT,
+    "BrokenPipeError": ERR_DISCONNECT,
+    "IncompleteRead": ERR_DISCONNECT,
+    "MidStreamFallbackError": ERR_DISCONNECT,  # litellm's wrapper of a mid-stream failure
+    # the bytes arrived but are not a stream
+    "JSONDecodeError": ERR_PROTOCOL,
+    "_ProtocolError": ERR_PROTOCOL,
+}
+_WRAPPERS = frozenset({"APIConnectionError", "MidStreamFallbackError"})
+#: litellm's complaint when a stream ends (with [DONE] or EOF) before any finish reason.
+_LITELLM_NO_FINISH = "Stream ended before a finish_reason"
+#: Prefixes litellm and openai put before the server's message.
+_LITELLM_PREFIX = re.compile(
+    r"^(?:litellm\.\w+:\s*|\w+(?:Error|Exception|Timeout):\s*|\w+Exception\s*-\s*|"
+    r"Error code: \d+\s*-\s*)+"
+)
+_SSL_NOISE = re.compile(r" ssl:(?:<[^>]*>|default|None|True|False)")
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions behind it (cause, litellm's ``original_exception``, context),
+    outermost first; bounded, cycle-safe."""
+    out: list[BaseException] = []
+    seen: set[int] = set()
+    cur: object = exc
+    while isinstance(cur, BaseException) and id(cur) not in seen and len(out) < 20:
+        seen.add(id(cur))
+        out.append(cur)
+        cur = cur.__cause__ or getattr(cur, "original_exception", None) or cur.__context__
+    return out
+
+
+def _kind_of(exc: BaseException) -> str | None:
+    cls = type(exc)
+    if cls.__name__ == "OpenAIError" and cls.__module__.split(".")[0] == "openai":
+        # openai's base class itself is raised for local problems (no credentials); litellm
+        # then labels it HTTP 500, though no request left the machine
+        return ERR_CLIENT
+    for cls in type(exc).__mro__:
+        kind = _KIND_BY_CLASS.get(cls.__name__)
+        if kind is not None:
+            return kind
+    return None
+
+
+def _clean(text: str) -> str:
+    return _short(_SSL_NOISE.sub("", _LITELLM_PREFIX.sub("", text.strip())))
+
+
+def _chain_error(exc: BaseException) -> tuple[str, str] | None:
+    """Classify a transport failure by the deepest exception in the chain that says what went
+    wrong (a refused connection wrapped by httpx, openai and litellm is still ``connect``, however
+    the wrappers label it); the message is the outermost one of that kind."""
+    links = _causes(exc)
+    if any(_LITELLM_NO_FINISH in str(e) for e in links):
+        return ERR_EMPTY, "the stream ended without a finish reason"
+    kinds = [_kind_of(e) for e in links]
+    kind = next((k for k in reversed(kinds) if k is not None), None)
+    if kind is None:
+        return None
+    same = [e for e, k in zip(links, kinds) if k == kind]
+    # wrappers (openai's "Connection error.", litellm's mid-stream fallback) say less than what
+    # they wrap: their message only when nothing else of that kind has one
+    for e in sorted(same, key=lambda e: type(e).__name__ in _WRAPPERS):
+        if str(e).strip():
+            return kind, _clean(str(e))
+    return kind, type(same[-1]).__name__
+
+
 def _litellm_error(exc: Exception) -> tuple[str, str]:
+    """A litellm exception as ``(error_type, message)``: transport failures by their root cause,
+    then the HTTP status with the server's own message from the response body."""
+    found = _chain_error(exc)
+    if found is not None:
+        return found
+    links = _causes(exc)
+    status = next(
+        (s for e in links if isinstance(s := getattr(e, "status_code", None), int)
+         and 400 <= s < 600),
+        None,
+    )
+    if status is not None:
+        for e in links:
+            body = getattr(e, "body", None)
+            if isinstance(body, dict) and body.get("message"):
+                return f"http_{status}", _short(str(body["message"]))
+            if isinstance(body, (str, bytes)) and body.strip():
+                raw = body.encode() if isinstance(body, str) else body
+                return f"http_{status}", _http_message(status, raw)
+        return f"http_{status}", _clean(str(exc)) or f"HTTP {status}"
     name = type(exc).__name__
-    msg = _short(str(exc)) or name
-    status = getattr(exc, "status_code", None)
-    if name in ("Timeout", "APITimeoutError"):
-        return ERR_TIMEOUT, msg
-    if name in ("APIConnectionError", "ServiceUnavailableError") and not isinstance(status, int):
-        return ERR_CONNECT, msg
-    if isinstance(status, int) and 400 <= status < 600:
-        return f"http_{status}", msg
-    if name == "APIConnectionError":
-        return ERR_CONNECT, msg
-    return name.lower() or "error", msg
+    return name.lower() or "error", _clean(str(exc)) or name
 
 
 def import_litellm() -> Any:

@@ -1,0 +1,202 @@
+"""A load tester is pointed at servers that misbehave, and that is when its report matters most.
+
+Every fault the mock server can inject (and a few it cannot: a refused connection, a host that does
+not resolve, streams that end at EOF) must become one failed request with a stable error type and
+the server's message, through both transports; the run goes on and counts it; the load stays what
+was configured; the session never hangs; the API key shows up nowhere; Ctrl-C leaves a valid
+report and no mock process; option parsers never crash; memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from pytest_llmload.client import Endpoint, LLMClient, StreamError
+from pytest_llmload.metrics import summarize
+from pytest_llmload.mock import FAULTS, MockServer
+from pytest_llmload.records import RequestRecord
+
+TRANSPORTS = ("sse", "litellm")
+#: A per-request timeout well under the mock's stall, so ``stall`` is a timeout.
+TIMEOUT = 0.5
+MOCK_SPEC = "ttft=2ms,itl=1ms,tokens=8,stall=5s"
+
+#: fault -> (error type, a fragment of the message) per transport; None: the request succeeds.
+EXPECTED: dict[str, dict[str, tuple[str, str] | None]] = {
+    "http_401": {t: ("http_401", "Incorrect API key provided. (mock fault http_401)")
+                 for t in TRANSPORTS},
+    "http_404": {t: ("http_404", "does not exist or you do not have access to it")
+                 for t in TRANSPORTS},
+    "http_429": {t: ("http_429", "Rate limit reached for requests. (mock fault http_429)")
+                 for t in TRANSPORTS},
+    "http_500": {t: ("http_500", "The server had an error while processing your request.")
+                 for t in TRANSPORTS},
+    # a plain-text error body: its text is the message
+    "http_500_text": {t: ("http_500", "Internal Server Error (mock fault http_500_text)")
+                      for t in TRANSPORTS},
+    "drop": {t: ("disconnect", "the connection closed after 3 output chunks") for t in TRANSPORTS},
+    "malformed": {
+        "sse": ("protocol", "malformed SSE line: this line is not server-sent events"),
+        # openai's SSE decoder follows the SSE spec: a line without a colon is a field with no
+        # value, and unknown fields are ignored. litellm never shows it to us.
+        "litellm": None,
+    },
+    "badjson": {
+        "sse": ("protocol", 'invalid JSON in a data line: {"id": "broken"'),
+        "litellm": ("protocol", "Expecting value"),
+    },
+    "stall": {t: ("timeout", f"no complete response within {TIMEOUT:g} s") for t in TRANSPORTS},
+    "empty": {
+        "sse": ("empty", "the stream carried no output"),
+        "litellm": ("empty", "the stream ended without a finish reason"),
+    },
+    "cut": {t: ("disconnect", "the connection closed after 8 output chunks") for t in TRANSPORTS},
+    # finish reason and usage, no [DONE]: complete, as transformers serve sends it
+    "no_done": {t: None for t in TRANSPORTS},
+}
+
+
+def test_every_mock_fault_has_an_expectation() -> None:
+    assert set(EXPECTED) == set(FAULTS)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+@pytest.fixture(scope="module")
+def mock() -> Iterator[MockServer]:
+    with MockServer.start(MOCK_SPEC) as server:
+        yield server
+
+
+def last_id(server: MockServer) -> int:
+    log = server.requests()
+    return int(log[-1]["id"]) if log else 0
+
+
+def one_request(
+    endpoint: Endpoint, *, fault: str | None = None, timeout: float = TIMEOUT
+) -> tuple[RequestRecord, StreamError | None, list[RequestRecord]]:
+    """Send one request (the warm-up already done, so it is the only one); return its record,
+    the StreamError if it failed, and everything the sink received."""
+    sink: list[RequestRecord] = []
+
+    async def go() -> tuple[RequestRecord, StreamError | None]:
+        client = LLMClient(endpoint, timeout=timeout, sink=sink.append)
+        client._warm = True  # no warm-up request: exactly one request reaches the server
+        headers = {"X-Mock-Fault": fault} if fault else None
+        try:
+            result = await client.astream("Tell me a story.", extra_headers=headers)
+            return result.record, None
+        except StreamError as exc:
+            return exc.record, exc
+        finally:
+            await client.aclose()
+
+    record, error = asyncio.run(go())
+    return record, error, sink
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _litellm_imported() -> None:
+    """litellm takes seconds to import and set up on first use: pay it once, untimed."""
+    from pytest_llmload.client import import_litellm
+
+    import_litellm()
+
+
+# -- every fault is one failed request with a stable type and the server's message -------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("fault", FAULTS)
+def test_fault_is_one_failed_request(mock: MockServer, fault: str, transport: str) -> None:
+    expected = EXPECTED[fault][transport]
+    since = last_id(mock)
+    endpoint = Endpoint("openai/mock", mock.base_url, "sk-unused", transport=transport)
+    t0 = time.monotonic()
+    record, error, sink = one_request(endpoint, fault=fault)
+    elapsed = time.monotonic() - t0
+
+    assert sink == [record], "every request leaves exactly one record"
+    assert record.transport == transport
+    assert elapsed < TIMEOUT + 2.0
+    if expected is None:
+        assert error is None and record.ok, record.error
+        assert record.output_tokens == 8
+    else:
+        kind, fragment = expected
+        assert error is not None, f"{fault} was taken for a good response"
+        assert (record.error_type, error.error_type) == (kind, kind), record.error
+        assert fragment in (record.error or ""), record.error
+        assert str(error) == f"{kind}: {record.error}"
+        assert not record.ok and record.end_ns is not None
+    # no hidden retries: one failing request is one HTTP request
+    seen = mock.requests(since=since)
+    assert [r["fault"] for r in seen] == [fault]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_connection_refused(transport: str) -> None:
+    port = free_port()
+    endpoint = Endpoint("openai/mock", f"http://127.0.0.1:{port}/v1", "sk-x", transport=transport)
+    t0 = time.monotonic()
+    record, error, sink = one_request(endpoint, timeout=5.0)
+    assert time.monotonic() - t0 < 3.0
+    assert error is not None and record.error_type == "connect", record.error
+    assert f"127.0.0.1:{port}" in (record.error or "")
+    assert sink == [record]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_host_that_does_not_resolve(transport: str) -> None:
+    # .invalid never resolves (RFC 6761): the resolver answers at once, online or not
+    endpoint = Endpoint(
+        "openai/mock", "http://does-not-exist.invalid:8000/v1", "sk-x", transport=transport
+    )
+    t0 = time.monotonic()
+    record, error, sink = one_request(endpoint, timeout=5.0)
+    assert time.monotonic() - t0 < 3.0, "name resolution must fail fast, not wait for a timeout"
+    assert error is not None and record.error_type == "dns", record.error
+    assert "does-not-exist.invalid" in (record.error or "")
+    assert sink == [record]
+
+
+def test_litellm_without_credentials_is_a_client_error_not_http_500(
+    mock: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """litellm labels openai's local "Missing credentials" HTTP 500; no request was sent."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    since = last_id(mock)
+    endpoint = Endpoint("openai/mock", mock.base_url, None, transport="litellm")
+    record, error, _ = one_request(endpoint)
+    assert error is not None and record.error_type == "client", record.error
+    assert "credentials" in (record.error or "")
+    assert mock.requests(since=since) == []
+
+
+def test_failed_requests_stay_out_of_latency_statistics(mock: MockServer) -> None:
+    endpoint = Endpoint("openai/mock", mock.base_url, None, transport="sse")
+    records = []
+    for fault in (None, "drop", None, "cut", "http_429", "stall", None):
+        records.append(one_request(endpoint, fault=fault)[0])
+    summary = summarize(records)
+    assert (summary.ok, summary.failed) == (3, 4)
+    assert summary.error_rate == pytest.approx(4 / 7)
+    # the drop and cut requests carried output chunks before failing: none of it is counted
+    assert summary.ttft.count == summary.e2e.count == 3
+    assert summary.itl.count == 3 * 7
+    assert summary.error_types == {"disconnect": 2, "http_429": 1, "timeout": 1}
