@@ -6,9 +6,11 @@ client, numpy, litellm, tokenizers and the mock server are imported when a test 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -17,6 +19,7 @@ from .config import ConfigError
 
 if TYPE_CHECKING:
     from .client import Endpoint
+    from .config import LoadSettings
     from .mock import MockServer
     from .session import LLM, LoadResult, Runner
 
@@ -28,6 +31,10 @@ MARKER_HELP = (
     "load and gate its latency SLOs (pytest-llmload)."
 )
 ENV_API_KEY = "LLMLOAD_API_KEY"
+MSG_MARKED_WITHOUT_LLM = (
+    "{nodeid} is marked llm_load but does not use the 'llm' fixture: add an 'llm' argument and "
+    "call llm.stream() or llm.astream() in the body."
+)
 MSG_NO_MODEL = (
     "no LLM endpoint is configured: pass --llm-model (e.g. --llm-model mock for the embedded "
     "server, or --llm-model openai/<name> --llm-api-base http://host:8000/v1)."
@@ -92,9 +99,9 @@ OPTIONS = (
          "PATH"),
     _Opt("error_log", "write one line per failed request.", "PATH"),
     _Opt("include_image", "attach a locally generated 1024x512 PNG to each request.",
-         flag=True, ini_type="bool"),
+         flag=True),
     _Opt("randomize_image_dimensions", "attached images get a random height from 100 to 1024 "
-         "(seeded).", flag=True, ini_type="bool"),
+         "(seeded).", flag=True),
     _Opt("mock", "behaviour of the embedded mock server, e.g. "
          "'ttft=200ms,itl=20ms,tokens=128,jitter=0.1,error_rate=0.01'.", "SPEC"),
 )
@@ -121,6 +128,22 @@ def _usage(key: str) -> Callable[[str], str]:
     return check
 
 
+def _pytest_version() -> tuple[int, ...]:
+    return tuple(int(p) for p in pytest.__version__.split(".")[:2] if p.isdigit())
+
+
+def _ini_type(o: _Opt) -> Any:
+    """Scalar ini keys are read raw and checked by our own parsers, so a bad value is a sentence
+    naming the key (pytest's 'bool' type would say only "invalid truth value 'maybe'").
+    From pytest 9.2 a union type also lets ``[tool.pytest]`` hold native TOML numbers and
+    booleans (``llm_rps = 10``), which plain 'string' refuses there."""
+    if o.ini_type == "linelist":
+        return "linelist"
+    if _pytest_version() >= (9, 2):
+        return str | int | float | bool
+    return "string"
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("llmload", "LLM load testing (pytest-llmload)")
     for o in OPTIONS:
@@ -132,7 +155,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         else:
             group.addoption(o.cli, dest=o.dest, metavar=o.metavar, type=_usage(o.key),
                             default=None, help=o.help)
-        parser.addini(o.dest, o.help, type=o.ini_type,  # type: ignore[arg-type]
+        parser.addini(o.dest, o.help, type=_ini_type(o),
                       default=[] if o.ini_type == "linelist" else None)
 
 
@@ -154,16 +177,16 @@ class _State:
     error_log: Any = None
 
 
-_state_key = pytest.StashKey["_State"]()
-_settings_key = pytest.StashKey["LoadSettings"]()
-_llm_key = pytest.StashKey["LLM"]()
+_state_key: pytest.StashKey[_State] = pytest.StashKey()
+_settings_key: pytest.StashKey[LoadSettings] = pytest.StashKey()
+_llm_key: pytest.StashKey[LLM] = pytest.StashKey()
 
 
 def _raw(config: pytest.Config, key: str) -> tuple[object | None, object | None]:
     o = _OPT[key]
     cli = config.getoption(o.dest)
     ini: object | None = config.getini(o.dest)
-    if ini in ("", [], None) or (o.ini_type == "bool" and ini is False):
+    if ini is None or (isinstance(ini, str | list) and not ini):
         ini = None
     return cli, ini
 
@@ -187,6 +210,14 @@ def pytest_configure(config: pytest.Config) -> None:
                 parsers[key](value, f"llm_{key} (ini)")
             except ConfigError as exc:
                 raise pytest.UsageError(str(exc)) from None
+    # Output files are fixed now, as --junitxml's is: a test that changes the working directory
+    # must not move them. Command-line paths are relative to where pytest was started, ini paths
+    # to the ini file (as pytest's own 'paths' ini type).
+    ini_dir = config.inipath.parent if config.inipath else config.invocation_params.dir
+    for key in ("report", "error_log"):
+        for layer, base in ((cli, config.invocation_params.dir), (ini, ini_dir)):
+            if layer.get(key) is not None:
+                layer[key] = str(Path(base, str(layer[key])))
     if cli.get("api_key") is None and ini.get("api_key") is None and os.environ.get(ENV_API_KEY):
         cli["api_key"] = os.environ[ENV_API_KEY]
     state = _State(cli=cli, ini=ini)
@@ -211,17 +242,33 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
+    """One line: model, endpoint (never the key), the load a test gets unless its marker says
+    otherwise, and the SLOs every load test gets."""
     state = config.stash.get(_state_key, None)
     if state is None or _get(state, "model") is None:
         return None
     from .config import resolve_settings
 
-    base = _get(state, "api_base") or ("embedded mock" if _get(state, "model") == "mock" else "-")
+    model = str(_get(state, "model"))
+    if model == "mock":
+        spec = _get(state, "mock")
+        endpoint = "embedded mock server" + (f" ({spec})" if spec else "")
+    else:
+        endpoint = str(_get(state, "api_base") or "the provider's default")
+    parts = [f"model={model}", f"endpoint={endpoint}"]
     try:
-        load = resolve_settings({}, state.cli, state.ini, test_id="").describe()
-    except ConfigError as exc:
-        raise pytest.UsageError(str(exc)) from None
-    return f"llmload: model={_get(state, 'model')}, endpoint={base}, load={load}"
+        settings = resolve_settings({}, state.cli, state.ini, test_id="")
+    except ConfigError:
+        # e.g. --llm-rps inf without a concurrency: markers may complete it, and a test whose
+        # marker does not is a usage error at collection, naming the test
+        pass
+    else:
+        parts.append(f"default load={settings.describe()}")
+        if settings.slo:
+            parts.append("slo=" + " and ".join(slo.expr for slo in settings.slo))
+    line = "llmload: " + ", ".join(parts)
+    key = _get(state, "api_key")
+    return line.replace(str(key), "***") if key else line
 
 
 def pytest_collection_modifyitems(
@@ -323,43 +370,80 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     llm_obj = pyfuncitem.stash.get(_llm_key, None)
     settings = pyfuncitem.stash.get(_settings_key, None)
     if settings is None:
-        if llm_obj is not None and inspect.iscoroutinefunction(pyfuncitem.obj):
+        if (
+            llm_obj is not None
+            and inspect.iscoroutinefunction(pyfuncitem.obj)
+            and pyfuncitem.get_closest_marker("asyncio") is None
+        ):
             # a plain async test using llm: run it on the load loop (no other plugin needed)
-            if pyfuncitem.get_closest_marker("asyncio") is None:
-                kwargs = {n: pyfuncitem.funcargs[n] for n in pyfuncitem._fixtureinfo.argnames}
-                llm_obj._runner.loop.run(pyfuncitem.obj(**kwargs))
-                return True
+            kwargs = {n: pyfuncitem.funcargs[n] for n in pyfuncitem._fixtureinfo.argnames}
+            llm_obj._runner.loop.run(pyfuncitem.obj(**kwargs))
+            return True
         return None
     if llm_obj is None:
-        pytest.fail(
-            f"{pyfuncitem.nodeid} is marked llm_load but does not use the 'llm' fixture: "
-            "add an 'llm' argument and call llm.stream() or llm.astream() in the body.",
-            pytrace=False,
-        )
+        pytest.fail(MSG_MARKED_WITHOUT_LLM.format(nodeid=pyfuncitem.nodeid), pytrace=False)
     from .session import run_load_test
 
     state = pyfuncitem.config.stash[_state_key]
-    pm = pyfuncitem.config.pluginmanager
-    tr = pm.get_plugin("terminalreporter")
-    capman = pm.get_plugin("capturemanager")
-    verbose = pyfuncitem.config.get_verbosity() >= 0 and tr is not None
-
-    def progress(line: str) -> None:
-        if not verbose or tr is None:
-            return
-        # the test's output is captured: step around the capture, as live logging does
-        if capman is not None:
-            with capman.global_and_fixture_disabled():
-                tr.write_line(f"  [llm_load] {pyfuncitem.name}: {line}")
-        else:
-            tr.write_line(f"  [llm_load] {pyfuncitem.name}: {line}")
-
-    outcome = run_load_test(
-        pyfuncitem, settings, llm_obj, worker_index=state.worker_index,
-        worker_count=state.worker_count, progress=progress,
-    )
+    progress = _ProgressLine(pyfuncitem)
+    try:
+        outcome = run_load_test(
+            pyfuncitem, settings, llm_obj, worker_index=state.worker_index,
+            worker_count=state.worker_count, progress=progress.show,
+        )
+    finally:
+        progress.done()
     pyfuncitem.stash[_outcome_key] = outcome
     return True
+
+
+class _ProgressLine:
+    """``  [llm_load] test_x: 40/100 done, 8 in flight, 0 failed`` every few seconds of a long
+    load test, on its own line, and nothing under ``-q`` or on an xdist worker.
+
+    The test's output is captured, so it steps around the capture as live logging does. It leaves
+    its line open and marks the terminal as mid-line, so whatever pytest writes next starts a
+    new line; afterwards it re-prints the file's prefix, so the test's '.' does not land alone
+    on a line of its own.
+    """
+
+    def __init__(self, item: pytest.Item) -> None:
+        pm = item.config.pluginmanager
+        tr = pm.get_plugin("terminalreporter")
+        self._tr: pytest.TerminalReporter | None = (
+            tr if tr is not None and item.config.get_verbosity() >= 0 else None
+        )
+        self._capman = pm.get_plugin("capturemanager")
+        self._item = item
+        self._shown = False
+
+    def _uncaptured(self) -> contextlib.AbstractContextManager[None]:
+        if self._capman is None:
+            return contextlib.nullcontext()
+        cm: contextlib.AbstractContextManager[None] = (
+            self._capman.global_and_fixture_disabled()
+        )
+        return cm
+
+    def show(self, line: str) -> None:
+        tr = self._tr
+        if tr is None:
+            return
+        with self._uncaptured():
+            tr.ensure_newline()
+            tr.write(f"  [llm_load] {self._item.name}: {line}", flush=True)
+            tr.currentfspath = -2  # mid-line: the next write_line or result starts a new line
+        self._shown = True
+
+    def done(self) -> None:
+        tr = self._tr
+        if tr is None or not self._shown:
+            return
+        if tr.showfspath and not tr.showlongtestinfo:
+            with self._uncaptured():
+                # end the progress line and carry on the row of results under the file's name
+                tr.currentfspath = None
+                tr.write_fspath_result(self._item.nodeid, "")
 
 
 _outcome_key = pytest.StashKey[Any]()
@@ -371,12 +455,16 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     phase, so JUnit, xdist and the exit code all see it."""
     try:
         result = yield
-    finally:
-        _finish(item)
+    except BaseException:
+        # Keep what was measured, but never replace an interrupt (or the body's own error)
+        # with an SLO verdict: Ctrl-C must stop the session, not fail one test and go on.
+        _finish(item, gate_slos=False)
+        raise
+    _finish(item, gate_slos=True)
     return result
 
 
-def _finish(item: pytest.Item) -> None:
+def _finish(item: pytest.Item, *, gate_slos: bool) -> None:
     llm_obj = item.stash.get(_llm_key, None)
     if llm_obj is None or (not llm_obj.records and _settings_key not in item.stash):
         return
@@ -392,7 +480,7 @@ def _finish(item: pytest.Item) -> None:
 
     for name, value in junit_properties(result.summary):
         item.user_properties.append((name, value))
-    if settings is None:
+    if settings is None or not gate_slos:
         return
     if state.worker_count > 1 and getattr(item.config, "workerinput", None) is not None:
         return  # workers hold part of the load: the controller gates on the merged figures
@@ -403,19 +491,19 @@ def _finish(item: pytest.Item) -> None:
 
 def _write_errors(state: _State, result: LoadResult) -> None:
     path = _get(state, "error_log")
-    failed = [r for r in result.records if not r.ok]
     if path is None:
         return
     from .report import format_error_line
 
     if state.error_log is None:
-        state.error_log = open(str(path), "w", encoding="utf-8")  # noqa: SIM115
-    for rec in failed:
-        line = format_error_line(result.nodeid, rec)
-        key = _get(state, "api_key")
-        if key:
-            line = line.replace(str(key), "***")
-        state.error_log.write(line.rstrip("\n") + "\n")
+        target = Path(str(path))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        state.error_log = open(target, "w", encoding="utf-8")  # noqa: SIM115 - open all session
+    key = _get(state, "api_key")
+    secrets = [str(key)] if key else []
+    for rec in result.records:
+        if not rec.ok:
+            state.error_log.write(format_error_line(result.nodeid, rec, secrets=secrets) + "\n")
     state.error_log.flush()
 
 
@@ -425,18 +513,36 @@ def _write_errors(state: _State, result: LoadResult) -> None:
 def pytest_terminal_summary(
     terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config
 ) -> None:
+    """One table per load test; one line per test without the marker that made requests (a grid
+    of percentiles over a single request would be noise). Printing only: the verdicts were
+    given in the call phase."""
     state = config.stash.get(_state_key, None)
     if state is None or not state.results:
         return
-    from .report import format_table
+    from .report import format_requests_line, format_table
 
     tr = terminalreporter
-    tr.write_sep("=", "LLM load summary")
-    for result in state.results:
-        for line in format_table(result.nodeid, result.summary, result.slo_results,
-                                 transport=result.transport, lag_note=None):
+    key = _get(state, "api_key")
+    secrets = [str(key)] if key else []
+    loads = [r for r in state.results if r.load]
+    plain = [r for r in state.results if not r.load]
+    tr.write_sep("=", "LLM load summary" if loads else "LLM requests")
+    for result in loads:
+        outcome = result.outcome
+        interrupted = outcome is not None and outcome.stopped_reason == "interrupted"
+        for line in format_table(
+            result.nodeid, result.summary, result.slo_results, transport=result.transport,
+            interrupted=interrupted or bool(result.summary.interrupted), secrets=secrets,
+            load=result.settings.describe() if result.settings is not None else None,
+        ):
             tr.write_line(line)
         tr.write_line("")
+    if plain:
+        if loads:
+            tr.write_line("Requests of tests without llm_load:")
+        for result in plain:
+            tr.write_line("  " + format_requests_line(result.nodeid, result.summary,
+                                                      secrets=secrets))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
