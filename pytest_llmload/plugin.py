@@ -529,7 +529,9 @@ def pytest_terminal_summary(
     tr.write_sep("=", "LLM load summary" if loads else "LLM requests")
     for result in loads:
         outcome = result.outcome
-        interrupted = outcome is not None and outcome.stopped_reason == "interrupted"
+        interrupted = result.interrupted or (
+            outcome is not None and outcome.stopped_reason == "interrupted"
+        )
         for line in format_table(
             result.nodeid, result.summary, result.slo_results, transport=result.transport,
             interrupted=interrupted or bool(result.summary.interrupted), secrets=secrets,
@@ -569,7 +571,7 @@ def write_report(path: str, state: _State, *, interrupted: bool) -> None:
     }
     tests = [
         test_entry(r.nodeid, r.summary, r.slo_results, r.records, r.origin_ns,
-                   transport=r.transport, load=r.load)
+                   transport=r.transport, load=r.load, interrupted=r.interrupted)
         for r in state.results
     ]
     write_json_report(path, config=config, tests=tests, secrets=[s for s in secrets if s],

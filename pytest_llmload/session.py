@@ -15,7 +15,7 @@ import inspect
 import math
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -56,6 +56,10 @@ class _JobState:
     warmup: bool
     image: Any = None
     records: list[RequestRecord] = field(default_factory=list)
+    requests: set[asyncio.Task[Any]] = field(default_factory=set)
+    """A sync body's requests in flight (tasks on the load loop), so a cancelled job can cancel
+    them: its thread cannot be cancelled."""
+    cancelled: bool = False
 
 
 _job: contextvars.ContextVar[_JobState | None] = contextvars.ContextVar("llmload_job", default=None)
@@ -76,6 +80,8 @@ class LoadResult:
     load: bool
     """True for an ``llm_load`` test, False for single measured requests of a plain test."""
     worker: str | None = None
+    interrupted: bool = False
+    """The run was interrupted (Ctrl-C) during this test: its records are the ones so far."""
 
 
 class Runner:
@@ -154,6 +160,8 @@ class LLM:
         self.records: list[RequestRecord] = []
         """Every counted request this test made, in completion order."""
         self._records_lock = threading.Lock()
+        self.interrupted = False
+        """Set when Ctrl-C stopped this test's load."""
 
     @property
     def endpoint(self) -> Endpoint:
@@ -209,11 +217,27 @@ class LLM:
         """Blocking twin of :meth:`astream`, for sync tests and sync load bodies."""
         __tracebackhide__ = True
         coro = self._request(messages_or_prompt, kwargs)
+        state = _job.get()
+        if state is not None:
+            coro = _supervised(coro, state)
         try:
             result: StreamResult = self._runner.loop.run(coro)
         except StreamError as exc:
             raise exc.with_traceback(None) from None
         return result
+
+
+async def _supervised(coro: Coroutine[Any, Any, StreamResult], state: _JobState) -> StreamResult:
+    """Run a sync body's request as a task its job knows about (see ``_JobState.requests``)."""
+    task = asyncio.current_task()
+    if state.cancelled or task is None:
+        coro.close()
+        raise asyncio.CancelledError
+    state.requests.add(task)
+    try:
+        return await coro
+    finally:
+        state.requests.discard(task)
 
 
 def _body_error(exc: BaseException) -> tuple[str, str]:
@@ -312,9 +336,20 @@ def run_load_test(
                 await fn(**kwargs)
             else:
                 ctx_copy = contextvars.copy_context()
-                await asyncio.get_running_loop().run_in_executor(
-                    threads, lambda: ctx_copy.run(fn, **kwargs)
-                )
+                try:
+                    await asyncio.get_running_loop().run_in_executor(
+                        threads, lambda: ctx_copy.run(fn, **kwargs)
+                    )
+                except asyncio.CancelledError:
+                    # The body's thread cannot be stopped, its request can: cancel it and wait, so
+                    # it is recorded as cancelled and nothing of this job outlives the load test.
+                    state.cancelled = True
+                    pending = [t for t in state.requests if not t.done()]
+                    for t in pending:
+                        t.cancel()
+                    if pending:
+                        await asyncio.wait(pending, timeout=5)
+                    raise
         except (Exception, AssertionError, pytest.fail.Exception) as exc:  # noqa: BLE001
             # whatever the body raised ends this request, not the load test
             _record_body_failure(state, llm._sink(state), exc)
@@ -367,8 +402,8 @@ def run_load_test(
             fut.result(timeout=10)
         except Exception:  # noqa: BLE001 - the interrupt is what the user sees; just stop
             fut.cancel()
-        for rec in llm.records:
-            rec.interrupted = True
+        # the requests cut short are marked interrupted by the client; the finished ones stand
+        llm.interrupted = True
         raise
     finally:
         if threads is not None:
@@ -405,6 +440,7 @@ def summarize_test(
         transport=", ".join(transports) or llm._runner.client.transport,
         load=settings is not None,
         worker=worker,
+        interrupted=llm.interrupted,
     )
 
 

@@ -10,9 +10,15 @@ report and no mock process; option parsers never crash; memory stays bounded.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -200,3 +206,115 @@ def test_failed_requests_stay_out_of_latency_statistics(mock: MockServer) -> Non
     assert summary.ttft.count == summary.e2e.count == 3
     assert summary.itl.count == 3 * 7
     assert summary.error_types == {"disconnect": 2, "http_429": 1, "timeout": 1}
+
+
+# -- Ctrl-C ------------------------------------------------------------------------------------
+
+SIGINT_CONFTEST = '''
+import json, urllib.request
+import pytest
+
+@pytest.fixture(scope="session", autouse=True)
+def _note_mock(llm_endpoint):
+    # the embedded mock's pid, from its own stats endpoint, for the outer test to check
+    root = llm_endpoint.api_base.rsplit("/v1", 1)[0]
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(root + "/mock/stats", timeout=10) as resp:
+        pid = json.loads(resp.read())["pid"]
+    with open("mock.json", "w") as fh:
+        json.dump({"pid": pid, "root": root}, fh)
+'''
+
+SIGINT_BODIES = {
+    "sync": '''
+import pytest
+
+@pytest.mark.llm_load(requests=400, rps=80, timeout=30)
+def test_load(llm):
+    llm.stream("Tell me a story.")
+''',
+    "async": '''
+import pytest
+
+@pytest.mark.llm_load(requests=400, rps=80, timeout=30)
+async def test_load(llm):
+    await llm.astream("Tell me a story.")
+''',
+}
+
+
+def _mock_stats(root: str) -> dict[str, Any]:
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(root + "/mock/stats", timeout=5) as resp:
+        stats: dict[str, Any] = json.loads(resp.read())
+    return stats
+
+
+def _gone(pid: int, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and process groups")
+@pytest.mark.parametrize("body", sorted(SIGINT_BODIES))
+def test_ctrl_c_stops_the_load_and_leaves_a_valid_report(pytester: pytest.Pytester, body: str) -> None:
+    pytester.makeconftest(SIGINT_CONFTEST)
+    pytester.makepyfile(test_load=SIGINT_BODIES[body])
+    report = pytester.path / "report.json"
+    # 0.5 s per request: at 80 req/s about 40 are in flight at any time, and some are done
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--llm-model", "mock",
+           "--llm-mock", "ttft=100ms,itl=20ms,tokens=20", f"--llm-report={report}"]
+    # its own process group, signalled as a terminal's Ctrl-C signals the foreground group
+    proc = subprocess.Popen(cmd, cwd=pytester.path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        mock_file = pytester.path / "mock.json"
+        deadline = time.monotonic() + 30
+        while not mock_file.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert mock_file.exists(), "the inner session never started its mock"
+        mock_info = json.loads(mock_file.read_text())
+        while time.monotonic() < deadline:  # mid-load: some requests done, many in flight
+            stats = _mock_stats(mock_info["root"])
+            if stats["ok"] >= 25 and stats["in_flight"] >= 10:
+                break
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)
+        sent = time.monotonic()
+        out, _ = proc.communicate(timeout=30)
+        stopped_after = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = out.decode(errors="replace")
+    assert proc.returncode == 2, text  # pytest's ExitCode.INTERRUPTED
+    assert "KeyboardInterrupt" in text and "INTERNALERROR" not in text, text
+    assert stopped_after < 10, "the interrupt waited for the schedule instead of stopping it"
+    assert _gone(mock_info["pid"], within=5), "the mock server outlived the session"
+
+    doc = json.loads(report.read_text())
+    assert doc["interrupted"] is True
+    (entry,) = [t for t in doc["tests"] if t["nodeid"].endswith("test_load")]
+    assert entry["interrupted"] is True
+    records = entry["records"]
+    done = [r for r in records if r["error_type"] is None]
+    cut = [r for r in records if r["interrupted"]]
+    assert len(records) < 400, "sending did not stop"
+    # (the server's count includes the warm-up, and a response it just finished may still be on
+    # its way to the client when the signal lands)
+    assert len(done) >= 20, "the requests finished before Ctrl-C must be in the report"
+    assert len(cut) >= 5, "the requests in flight must be recorded as cut short"
+    assert all(r["error_type"] == "cancelled" for r in cut)
+    assert not any(r["interrupted"] for r in done)
+    assert entry["interrupted_requests"] == len(cut)
+    # every request the server saw before the interrupt is accounted for (plus the warm-up)
+    assert len(records) + 1 >= stats["ok"]
