@@ -194,6 +194,7 @@ class _Stream:
         "reasoning",
         "record",
         "response_id",
+        "started",
         "text",
         "usage",
     )
@@ -207,24 +208,23 @@ class _Stream:
         self.finish_reason: str | None = None
         self.done = False
         self.response_id: str | None = None
+        self.started = False
         self.buf = b""
 
     def feed(self, data: bytes, t: int) -> None:
         """Consume bytes that arrived at ``t``; every complete line is handled now."""
         buf = self.buf + data if self.buf else data
+        find = buf.find
+        on_data = self._data
         start = 0
-        while True:
-            nl = buf.find(b"\n", start)
-            if nl < 0:
-                break
+        while (nl := find(b"\n", start)) >= 0:
             line = buf[start:nl]
             start = nl + 1
             if line.startswith(b"data:"):
-                self._data(line[5:].strip(), t)
-            elif not line.strip() or line.startswith(b":") or line.startswith((b"event:", b"id:", b"retry:")):
-                continue
-            else:
-                raise _ProtocolError(f"malformed SSE line: {_short(line.decode('utf-8', 'replace'))}")
+                on_data(line[5:].strip(), t)
+            elif line and not line.isspace() and not line.startswith(_SSE_OTHER_FIELDS):
+                text = _short(line.decode("utf-8", "replace"))
+                raise _ProtocolError(f"malformed SSE line: {text}")
         self.buf = buf[start:]
 
     def end(self, t: int) -> None:
@@ -232,6 +232,19 @@ class _Stream:
             self.feed(b"\n", t)
 
     def _data(self, payload: bytes, t: int) -> None:
+        if self.started:
+            text = _plain_content(payload)
+            if text is not None:
+                if text:
+                    rec = self.record
+                    rec.chunk_ns.append(t)
+                    rec.chunk_tokens.append(1)
+                    self.deltas.append(text)
+                    self.text.append(text)
+                    self.reasoning.append("")
+                return
+        elif payload != b"[DONE]":
+            self.started = True  # the first chunk (with the response id) is always decoded
         if payload == b"[DONE]":
             self.done = True
             return
@@ -280,6 +293,50 @@ class _Stream:
         """A stream is whole when it said [DONE], or ended with a finish reason or usage
         (transformers serve ends with its usage chunk and no [DONE])."""
         return self.done or self.finish_reason is not None or self.usage is not None
+
+
+_SSE_OTHER_FIELDS = (b":", b"event:", b"id:", b"retry:")
+#: The json module's own (C) scanner of one string literal, escapes and all.
+_scanstring: Callable[[str, int], tuple[str, int]] = (
+    json.decoder.scanstring  # type: ignore[attr-defined]
+)
+
+
+def _plain_content(payload: bytes) -> str | None:
+    """The text of the commonest chunk, a plain content delta, found without decoding the JSON;
+    None when the chunk is anything else (first chunk, finish reason, usage, error, reasoning,
+    tool calls, several choices, unusual spacing), which the caller then decodes in full.
+
+    Reliable because a key needle such as ``"usage":`` cannot occur inside a JSON string: every
+    quote in there is escaped, and a needle's closing quote follows a letter, not a backslash.
+    With no blank before any colon, a needle's absence proves the key's absence, and the content
+    string, read by the json module's own scanner, is exactly what ``json.loads`` would give."""
+    try:
+        s = payload.decode()
+    except UnicodeDecodeError:
+        return None
+    i = s.find('"content":"')
+    if i < 0:
+        return None
+    d = s.find('"delta":')
+    if not (
+        0 <= d < i
+        and s.find('"delta":', d + 8) < 0
+        and s.find('"content":', i + 11) < 0
+        and s.find('"content":') == i
+        and '" :' not in s
+        and '"\t:' not in s
+        and '"error":' not in s
+        and '"tool_calls":' not in s
+        and '"reasoning' not in s
+        and ((j := s.find('"finish_reason":')) < 0 or s.startswith("null", j + 16))
+        and ((j := s.find('"usage":')) < 0 or s.startswith("null", j + 8))
+    ):
+        return None
+    try:
+        return _scanstring(s, i + 11)[0]
+    except ValueError:
+        return None  # a broken string: the full decode says what is wrong
 
 
 def _tool_call_text(calls: Any) -> str:
