@@ -174,6 +174,9 @@ class _State:
     worker_id: str | None = None
     worker_index: int = 0
     worker_count: int = 1
+    controller_gates: bool = False
+    """An xdist worker under --dist each: it drives a share of every load test and the
+    controller gates the SLOs on the merged figures (see xdist.py)."""
     error_log: Any = None
 
 
@@ -221,12 +224,10 @@ def pytest_configure(config: pytest.Config) -> None:
     if cli.get("api_key") is None and ini.get("api_key") is None and os.environ.get(ENV_API_KEY):
         cli["api_key"] = os.environ[ENV_API_KEY]
     state = _State(cli=cli, ini=ini)
-    workerinput = getattr(config, "workerinput", None)
-    if workerinput is not None:
-        state.worker_id = str(workerinput.get("workerid"))
-        state.worker_count = int(workerinput.get("workercount", 1))
-        state.worker_index = int(state.worker_id.lstrip("gw") or 0)
     config.stash[_state_key] = state
+    from .xdist import configure as configure_xdist
+
+    configure_xdist(config, state)  # the worker's share; nothing without xdist
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -383,6 +384,7 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     if llm_obj is None:
         pytest.fail(MSG_MARKED_WITHOUT_LLM.format(nodeid=pyfuncitem.nodeid), pytrace=False)
     from .session import run_load_test
+    from .xdist import start_barrier
 
     state = pyfuncitem.config.stash[_state_key]
     progress = _ProgressLine(pyfuncitem)
@@ -390,6 +392,7 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
         outcome = run_load_test(
             pyfuncitem, settings, llm_obj, worker_index=state.worker_index,
             worker_count=state.worker_count, progress=progress.show,
+            start_at=start_barrier(pyfuncitem.config, pyfuncitem.nodeid),
         )
     finally:
         progress.done()
@@ -482,8 +485,8 @@ def _finish(item: pytest.Item, *, gate_slos: bool) -> None:
         item.user_properties.append((name, value))
     if settings is None or not gate_slos:
         return
-    if state.worker_count > 1 and getattr(item.config, "workerinput", None) is not None:
-        return  # workers hold part of the load: the controller gates on the merged figures
+    if state.controller_gates:
+        return  # a share of the load: the controller gates on the merged figures
     why = gate(result)
     if why:
         pytest.fail(why, pytrace=False)
@@ -491,8 +494,8 @@ def _finish(item: pytest.Item, *, gate_slos: bool) -> None:
 
 def _write_errors(state: _State, result: LoadResult) -> None:
     path = _get(state, "error_log")
-    if path is None:
-        return
+    if path is None or state.worker_id is not None:
+        return  # an xdist worker's records go to the controller, which writes the log
     from .report import format_error_line
 
     if state.error_log is None:
@@ -538,6 +541,10 @@ def pytest_terminal_summary(
             load=result.settings.describe() if result.settings is not None else None,
         ):
             tr.write_line(line)
+        if len(result.summary.workers) > 1:
+            from .merge import workers_line
+
+            tr.write_line(f"  {workers_line(result.summary.workers)}")
         tr.write_line("")
     if plain:
         if loads:

@@ -1,0 +1,484 @@
+"""pytest-xdist: drive one load test from several processes, or run load tests side by side.
+
+Registered only when xdist is active (on its workers, and on a controller that distributes).
+
+``--dist each``: every worker runs every load test and drives its share of it: every worker draws
+the same seeded schedule and takes every n-th arrival, so the shares of the rate, the concurrency
+and the request count add up exactly to the configured totals. The controller passes the mode to
+the workers (``workerinput``), and before each load test, after their warm-up, the workers meet at
+a rendezvous (files in a directory the controller made) and start the shared schedule at one
+instant, so the merged stream keeps the configured arrival process. All workers are on this
+machine, so ``perf_counter_ns`` is one clock and their records share one time axis. Workers don't
+gate SLOs on their partial data; they send their records (``config.workeroutput``); the
+controller concatenates them per test (``pytest_testnodedown``), summarises them again (exact:
+percentiles over the merged records, never averaged), gates the SLOs on the merged figures and
+fails the run (``session.testsfailed``), naming the test, the SLO and the figure.
+
+Other modes (``load``, ``loadscope``, ``loadfile``, ``loadgroup``, ``worksteal``): each load test
+runs once, whole, on one worker, which gates it as without xdist. The controller collects the
+records for the summary and the JSON report, and says once when load tests ran at the same time on
+separate workers: they share the endpoint, so their figures interfere with each other.
+
+``--llm-model mock`` starts one embedded mock server per worker (it lives in the worker's session),
+so under ``--dist each`` the load is spread over several mock processes; point every worker at one
+server with ``--llm-model openai/<name> --llm-api-base URL`` to load a single endpoint.
+
+Remote workers (``--tx ssh=...``, ``--tx socket=...``) share neither a clock nor a filesystem: no
+rendezvous, and records are placed on each host's wall clock. For several machines, merge the
+reports of separate runs instead (``python -m pytest_llmload merge``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import tempfile
+import time
+import zlib
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from .config import LoadSettings
+    from .engine import LoadOutcome
+    from .plugin import _State
+    from .session import LoadResult
+
+#: ``workerinput`` keys the controller sets for each worker.
+DIST_KEY = "llmload_dist"
+INDEX_KEY = "llmload_index"
+RENDEZVOUS_KEY = "llmload_rendezvous"
+#: ``workeroutput`` key of the records a worker sends back.
+OUTPUT_KEY = "llmload_results"
+#: The shared start is this long after the last worker arrived, so every worker sees it coming.
+START_MARGIN_NS = 50_000_000
+#: How long a worker waits for the others before it starts its share alone.
+RENDEZVOUS_TIMEOUT = 60.0
+_POLL_S = 0.002
+#: The summary's word for a load test that failed its SLOs on the merged figures.
+STAT_KEY = "failed on merged SLOs"
+
+MSG_INTERFERENCE = (
+    "note: under --dist {mode}, {tests} ran at the same time on separate workers against the "
+    "same endpoint, so their figures interfere with each other; use --dist each (every worker "
+    "drives a share of every load test) or run without -n for figures of one load test at a time."
+)
+MSG_GATE_HEAD = "LLM load: SLOs checked on the figures merged from the workers (--dist each)"
+MSG_UNALIGNED = (
+    "note: {tests}: the workers did not all reach the start within {timeout:g} s, so their "
+    "shares did not start together and the merged arrivals are not the configured process."
+)
+MSG_MISSING = (
+    "note: {tests}: {got} of {total} workers sent their share (a worker crashed?); the figures "
+    "cover the shares that arrived."
+)
+
+
+def _is_controller(config: pytest.Config) -> bool:
+    if not config.pluginmanager.hasplugin("xdist"):
+        return False
+    return config.getoption("dist", "no") != "no" and bool(config.getoption("tx", None))
+
+
+def configure(config: pytest.Config, state: _State) -> None:
+    """Called from the plugin's ``pytest_configure``: set the worker's share and register the
+    worker or controller side; nothing without xdist."""
+    workerinput: dict[str, Any] | None = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        state.worker_id = str(workerinput.get("workerid"))
+        rendezvous = None
+        if workerinput.get(DIST_KEY) == "each":
+            count = int(workerinput.get("workercount", 1))
+            state.worker_count = count
+            state.worker_index = int(workerinput.get(INDEX_KEY, 0)) % max(1, count)
+            state.controller_gates = True
+            directory = workerinput.get(RENDEZVOUS_KEY)
+            if directory and count > 1:
+                rendezvous = Rendezvous(str(directory), state.worker_id, count)
+        config.pluginmanager.register(WorkerPlugin(config, state, rendezvous), "llmload-worker")
+    elif _is_controller(config):
+        config.pluginmanager.register(ControllerPlugin(config, state), "llmload-controller")
+
+
+def start_barrier(config: pytest.Config, nodeid: str) -> Callable[[], Awaitable[int]] | None:
+    """The ``start_at`` of a load test on an xdist worker under ``--dist each``, else None."""
+    plugin = config.pluginmanager.get_plugin("llmload-worker")
+    if not isinstance(plugin, WorkerPlugin) or plugin.rendezvous is None:
+        return None
+    return plugin.rendezvous.start_at(nodeid)
+
+
+# -- the workers' rendezvous -------------------------------------------------------------------
+
+
+class Rendezvous:
+    """Workers meet before each load test and agree on one start instant.
+
+    Every worker runs the same load tests in the same order, so the k-th load test is the same
+    test on each. A worker that reaches it writes its arrival time (``perf_counter_ns``) to a file
+    named after the test and waits until all ``count`` files exist; the start is the latest
+    arrival plus a margin, the same on every worker. A worker that waits longer than ``timeout``
+    starts alone (the test is noted in :attr:`unaligned`)."""
+
+    def __init__(
+        self, directory: str, worker: str, count: int, *, timeout: float = RENDEZVOUS_TIMEOUT
+    ) -> None:
+        self.directory = directory
+        self.worker = worker
+        self.count = count
+        self.timeout = timeout
+        self.unaligned: set[str] = set()
+        self._seq = 0
+
+    def start_at(self, nodeid: str) -> Callable[[], Coroutine[Any, Any, int]]:
+        self._seq += 1
+        name = f"{self._seq:06d}-{zlib.crc32(nodeid.encode()):08x}"
+
+        async def meet() -> int:
+            return await self._meet(name, nodeid)
+
+        return meet
+
+    async def _meet(self, name: str, nodeid: str) -> int:
+        # a few bytes in a local temporary directory: not worth a thread
+        self._announce(name)
+        give_up = time.monotonic() + self.timeout
+        while True:
+            arrived = self._arrived(name)
+            if len(arrived) >= self.count:
+                return self._latest(arrived) + START_MARGIN_NS
+            if time.monotonic() >= give_up:
+                self.unaligned.add(nodeid)
+                return time.perf_counter_ns()
+            await asyncio.sleep(_POLL_S)
+
+    def _announce(self, name: str) -> None:
+        mine = os.path.join(self.directory, f"{name}.{self.worker}")
+        tmp = os.path.join(self.directory, f".{name}.{self.worker}.tmp")
+        with open(tmp, "w", encoding="ascii") as fh:
+            fh.write(str(time.perf_counter_ns()))
+        os.replace(tmp, mine)  # the others never read a half-written file
+
+    def _arrived(self, name: str) -> list[str]:
+        prefix = name + "."
+        return [f for f in os.listdir(self.directory) if f.startswith(prefix)]
+
+    def _latest(self, arrived: list[str]) -> int:
+        latest = 0
+        for f in arrived:
+            with open(os.path.join(self.directory, f), encoding="ascii") as fh:
+                latest = max(latest, int(fh.read()))
+        return latest
+
+
+# -- worker -> controller ----------------------------------------------------------------------
+
+
+def _settings_dict(s: LoadSettings) -> dict[str, Any]:
+    return {
+        "requests": s.requests, "rps": s.rps, "concurrency": s.concurrency,
+        "arrival": str(s.arrival), "seed": s.seed, "duration": s.duration, "warmup": s.warmup,
+        "timeout": s.timeout, "max_tokens": s.max_tokens, "slo": [x.expr for x in s.slo],
+        "include_image": s.include_image,
+        "randomize_image_dimensions": s.randomize_image_dimensions,
+    }
+
+
+def _settings_from(d: dict[str, Any]) -> LoadSettings:
+    from .config import LoadSettings
+    from .engine import parse_arrival
+    from .slo import parse_slo
+
+    fields = dict(d)
+    fields["arrival"] = parse_arrival(fields["arrival"])
+    fields["slo"] = tuple(parse_slo(e) for e in fields["slo"])
+    return LoadSettings(**fields)
+
+
+_OUTCOME_FIELDS = ("start_ns", "end_ns", "jobs", "failed", "max_in_flight", "stopped_reason")
+
+
+def to_payload(result: LoadResult, *, aligned: bool = True) -> dict[str, Any]:
+    """What a worker sends for one test: plain data (execnet carries no objects). Records are
+    relative to the test's start (exact in nanoseconds); ``origin_wall`` is that start on the
+    wall clock, for workers on other hosts."""
+    origin = result.origin_ns
+    origin_wall = next(
+        (r.wall_start - (r.start_ns - origin) / 1e9 for r in result.records if r.wall_start > 0),
+        None,
+    )
+    o = result.outcome
+    return {
+        "nodeid": result.nodeid,
+        "worker": result.worker,
+        "load": result.load,
+        "transport": result.transport,
+        "origin_ns": origin,
+        "origin_wall": origin_wall,
+        "records": [r.to_dict(origin) for r in result.records],
+        "settings": None if result.settings is None else _settings_dict(result.settings),
+        "outcome": None if o is None else {
+            **{k: getattr(o, k) for k in _OUTCOME_FIELDS}, "errors": list(o.errors)
+        },
+        "aligned": aligned,
+    }
+
+
+_STOP_PRIORITY = ("deadline", "interrupted", "duration")
+
+
+def merge_payloads(nodeid: str, payloads: Sequence[dict[str, Any]], *, same_clock: bool
+                   ) -> LoadResult:
+    """One test's payloads from several workers -> one :class:`~.session.LoadResult`, every
+    figure computed again over the merged records. ``same_clock``: the workers share
+    ``perf_counter_ns`` (one machine); else records are placed on the wall clock."""
+    from .engine import LoadOutcome
+    from .metrics import summarize
+    from .records import NS, RequestRecord
+    from .session import LoadResult
+    from .slo import evaluate
+
+    records: list[RequestRecord] = []
+    outcomes: list[LoadOutcome] = []
+    settings = None
+    transports: list[str] = []
+    load = False
+    for p in payloads:
+        base = int(p["origin_ns"])
+        if not same_clock and p.get("origin_wall") is not None:
+            base = round(float(p["origin_wall"]) * NS)
+        shift = base - int(p["origin_ns"])
+        records.extend(RequestRecord.from_dict(d, base) for d in p["records"])
+        if p.get("outcome") is not None:
+            o = p["outcome"]
+            outcomes.append(LoadOutcome(
+                start_ns=o["start_ns"] + shift, end_ns=o["end_ns"] + shift, jobs=o["jobs"],
+                failed=o["failed"], max_in_flight=o["max_in_flight"],
+                stopped_reason=o["stopped_reason"], errors=list(o["errors"]),
+            ))
+        if settings is None and p.get("settings") is not None:
+            settings = _settings_from(p["settings"])
+        for t in str(p.get("transport") or "").split(", "):
+            if t and t not in transports:
+                transports.append(t)
+        load |= bool(p.get("load"))
+    outcome = None
+    if outcomes:
+        reasons = {o.stopped_reason for o in outcomes}
+        outcome = LoadOutcome(
+            start_ns=min(o.start_ns for o in outcomes),
+            end_ns=max(o.end_ns for o in outcomes),
+            jobs=sum(o.jobs for o in outcomes),
+            failed=sum(o.failed for o in outcomes),
+            max_in_flight=sum(o.max_in_flight for o in outcomes),
+            stopped_reason=next((r for r in _STOP_PRIORITY if r in reasons), None),
+            errors=[e for o in outcomes for e in o.errors][:5],
+        )
+    slos = settings.slo if settings is not None else ()
+    summary = summarize(records, slos=slos)
+    if outcome is not None:
+        origin = outcome.start_ns
+    else:
+        origin = min((r.start_ns for r in records), default=0)
+    return LoadResult(
+        nodeid=nodeid,
+        records=records,
+        origin_ns=origin,
+        settings=settings,
+        outcome=outcome,
+        summary=summary,
+        slo_results=evaluate(slos, summary) if slos else [],
+        transport=", ".join(transports),
+        load=load,
+        worker=str(payloads[0]["worker"]) if len(payloads) == 1 else None,
+    )
+
+
+class WorkerPlugin:
+    """A worker's side: its share (set in :func:`configure`), its rendezvous, and sending its
+    records to the controller at the end of its session."""
+
+    def __init__(self, config: pytest.Config, state: _State, rendezvous: Rendezvous | None):
+        self.config = config
+        self.state = state
+        self.rendezvous = rendezvous
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        # xdist sends workeroutput after every pytest_sessionfinish implementation has run
+        output: dict[str, Any] | None = getattr(self.config, "workeroutput", None)
+        if output is None:
+            return
+        unaligned = self.rendezvous.unaligned if self.rendezvous is not None else set()
+        output[OUTPUT_KEY] = [
+            to_payload(r, aligned=r.nodeid not in unaligned) for r in self.state.results
+        ]
+
+
+# -- controller ----------------------------------------------------------------------------------
+
+
+def _same_machine(node: Any) -> bool:
+    specs = getattr(getattr(node, "nodemanager", None), "specs", None) or [node.gateway.spec]
+    return all(bool(spec.popen) and not spec.via for spec in specs)
+
+
+def _natural(text: str) -> list[object]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def _name_tests(nodeids: Sequence[str]) -> str:
+    shown = ", ".join(nodeids[:3])
+    more = f" and {len(nodeids) - 3} more" if len(nodeids) > 3 else ""
+    return f"{shown}{more}"
+
+
+class _Counted:
+    """An entry of the terminal reporter's stats, so that the final line counts the tests that
+    failed on the merged figures."""
+
+    count_towards_summary = True
+
+    def __init__(self, nodeid: str) -> None:
+        self.nodeid = nodeid
+
+
+class ControllerPlugin:
+    """The controller's side: tell workers the mode, receive their records, merge, gate."""
+
+    def __init__(self, config: pytest.Config, state: _State) -> None:
+        self.config = config
+        self.state = state
+        self.mode = str(config.getoption("dist"))
+        self.rendezvous_dir: str | None = None
+        self.same_machine = True
+        self.received: list[tuple[str, list[dict[str, Any]]]] = []
+        self.nodes = 0
+        self.failures: list[tuple[str, str]] = []
+        self.notes: list[str] = []
+        self.order: dict[str, int] = {}
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node: Any) -> None:
+        node.workerinput[DIST_KEY] = self.mode
+        node.workerinput[INDEX_KEY] = self.nodes
+        self.nodes += 1
+        self.same_machine = self.same_machine and _same_machine(node)
+        if self.mode == "each" and self.same_machine:
+            if self.rendezvous_dir is None:
+                self.rendezvous_dir = tempfile.mkdtemp(prefix="pytest-llmload-")
+            node.workerinput[RENDEZVOUS_KEY] = self.rendezvous_dir
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_node_collection_finished(self, node: Any, ids: Sequence[str]) -> None:
+        for nodeid in ids:  # the summary lists tests in collection order, whoever ran them
+            self.order.setdefault(nodeid, len(self.order))
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: object | None) -> None:
+        output = getattr(node, "workeroutput", None) or {}
+        payloads = output.get(OUTPUT_KEY)
+        if payloads is not None:
+            self.received.append((str(node.gateway.id), list(payloads)))
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtestloop(self, session: pytest.Session) -> Generator[None, object, object]:
+        try:
+            result = yield
+        except BaseException:
+            self._merge(session, gate=False)  # still summarise and report what arrived
+            raise
+        self._merge(session, gate=True)
+        return result
+
+    def _merge(self, session: pytest.Session, *, gate: bool) -> None:
+        from .plugin import _write_errors
+        from .session import gate as gate_result
+
+        by_test: dict[str, list[dict[str, Any]]] = {}
+        workers_of: dict[str, set[str]] = {}
+        for worker, payloads in sorted(self.received, key=lambda wp: _natural(wp[0])):
+            for p in payloads:
+                by_test.setdefault(p["nodeid"], []).append(p)
+                workers_of.setdefault(p["nodeid"], set()).add(worker)
+        unaligned, missing = [], []
+        last = len(self.order)
+        for nodeid in sorted(by_test, key=lambda n: self.order.get(n, last)):
+            payloads = by_test[nodeid]
+            result = merge_payloads(nodeid, payloads, same_clock=self.same_machine)
+            self.state.results.append(result)
+            _write_errors(self.state, result)
+            if self.mode != "each" or not result.load:
+                continue
+            if not all(p.get("aligned", True) for p in payloads):
+                unaligned.append(nodeid)
+            if len(workers_of[nodeid]) < self.nodes:
+                missing.append(nodeid)
+            why = gate_result(result) if gate else None
+            if why:
+                self.failures.append((nodeid, why))
+                session.testsfailed += 1
+        if unaligned:
+            self.notes.append(MSG_UNALIGNED.format(
+                tests=_name_tests(unaligned), timeout=RENDEZVOUS_TIMEOUT))
+        if missing:
+            self.notes.append(MSG_MISSING.format(
+                tests=_name_tests(missing), got=min(len(workers_of[n]) for n in missing),
+                total=self.nodes))
+        if self.mode != "each":
+            overlapping = self._overlapping()
+            if overlapping:
+                self.notes.append(
+                    MSG_INTERFERENCE.format(mode=self.mode, tests=_name_tests(overlapping))
+                )
+        tr = self.config.pluginmanager.get_plugin("terminalreporter")
+        if tr is not None and self.failures:
+            tr.stats.setdefault(STAT_KEY, []).extend(_Counted(n) for n, _ in self.failures)
+
+    def _overlapping(self) -> list[str]:
+        """Load tests whose run overlapped another's on another worker (on one machine, their
+        windows share a clock; across machines, any two load tests count)."""
+        runs = [
+            (r.outcome.start_ns, r.outcome.end_ns, r.nodeid, r.worker)
+            for r in self.state.results
+            if r.load and r.outcome is not None
+        ]
+        hit: list[str] = []
+        for i, (s1, e1, n1, w1) in enumerate(runs):
+            for s2, e2, n2, w2 in runs[i + 1:]:
+                if w1 != w2 and (not self.same_machine or (s1 < e2 and s2 < e1)):
+                    hit.extend(n for n in (n1, n2) if n not in hit)
+        return hit
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        tr = terminalreporter
+        for note in self.notes:
+            tr.write_line(note, yellow=True)
+        if not self.failures:
+            return
+        tr.write_sep("=", MSG_GATE_HEAD, red=True)
+        for nodeid, why in self.failures:
+            tr.write_line(f"FAILED {nodeid}", red=True, bold=True)
+            for line in why.splitlines():
+                tr.write_line(f"  {line}")
+
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        if self.rendezvous_dir is not None:
+            shutil.rmtree(self.rendezvous_dir, ignore_errors=True)
+            self.rendezvous_dir = None
+
+
+__all__ = [
+    "ControllerPlugin",
+    "Rendezvous",
+    "WorkerPlugin",
+    "configure",
+    "merge_payloads",
+    "start_barrier",
+    "to_payload",
+]
