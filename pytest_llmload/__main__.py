@@ -1,0 +1,155 @@
+"""``python -m pytest_llmload merge A.json B.json ... [--slo EXPR ...] [--report OUT.json]``
+
+Merges the JSON reports of separate runs (``--llm-report``; a CI matrix on several machines, say)
+by test id, prints the same summary a run prints, and checks the SLOs on the merged records: the
+ones each test recorded, plus every ``--slo`` for every load test.
+
+Exit status: 0 when every SLO holds, 1 when one fails on the merged data, 2 when an input cannot
+be used (unreadable, not a report, no tests) or an option is malformed; the message says why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import NoReturn, TextIO
+
+from .config import ConfigError
+from .merge import MSG_NOT_OVERLAPPING, merge_reports, source_labels, workers_line
+from .report import format_table, read_json_report, test_entry, write_json_report
+from .slo import SLO, parse_slo
+
+PROG = "python -m pytest_llmload"
+EXIT_OK = 0
+EXIT_SLO_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+MSG_NO_TESTS = "the reports hold no tests: there is nothing to merge or check."
+
+
+def _slo_arg(text: str) -> SLO:
+    try:
+        return parse_slo(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Tools for pytest-llmload's JSON reports."
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    merge = commands.add_parser(
+        "merge",
+        help="merge the reports of separate runs by test id and check SLOs on the merged data",
+        description=(
+            "Merge JSON reports (--llm-report) of separate runs by test id: every figure is "
+            "computed again over the merged records. Exit status: 0 when every SLO holds, 1 when "
+            "one fails on the merged data, 2 on unusable input."
+        ),
+    )
+    merge.add_argument("reports", nargs="+", metavar="REPORT.json", help="reports to merge")
+    merge.add_argument(
+        "--slo", action="append", default=[], type=_slo_arg, metavar="EXPR",
+        help="SLO checked on every merged load test, e.g. 'ttft.p99<2s' (repeatable)",
+    )
+    merge.add_argument(
+        "--report", metavar="OUT.json", default=None,
+        help="write the merged report (same format as --llm-report)",
+    )
+    return parser
+
+
+def _fail(message: str, err: TextIO) -> int:
+    err.write(f"{PROG} merge: error: {message}\n")
+    return EXIT_BAD_INPUT
+
+
+def merge_command(
+    paths: Sequence[str],
+    slos: Sequence[SLO] = (),
+    report: str | None = None,
+    *,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """Run the merge; returns the exit status."""
+    out = out if out is not None else sys.stdout
+    err = err if err is not None else sys.stderr
+    labels = source_labels(paths)
+    sources = []
+    try:
+        for label, path in zip(labels, paths):
+            sources.append((label, read_json_report(path)))
+        tests = merge_reports(sources, slos)
+    except ConfigError as exc:  # ReportError is one
+        return _fail(str(exc), err)
+    if not tests:
+        return _fail(MSG_NO_TESTS, err)
+
+    counts = ", ".join(f"{label} ({len(t)} tests)" for label, t in sources)
+    out.write(f"LLM load: {len(tests)} tests merged from {len(sources)} reports: {counts}\n\n")
+    failures: list[tuple[str, list[str]]] = []
+    entries = []
+    for test in tests:
+        summary, results = test.summarize()
+        for line in format_table(
+            test.nodeid, summary, results, transport=test.transport, interrupted=test.interrupted
+        ):
+            out.write(line + "\n")
+        workers = workers_line(summary.workers)
+        if workers:
+            out.write(f"  {workers}\n")
+        if not test.overlapping:
+            out.write(f"  note: {MSG_NOT_OVERLAPPING}\n")
+        out.write("\n")
+        failed = [r.message for r in results if not r.passed]
+        if failed:
+            failures.append((test.nodeid, failed))
+        entries.append(
+            test_entry(test.nodeid, summary, results, test.records, transport=test.transport,
+                       interrupted=test.interrupted, load=test.load)
+        )
+
+    if report is not None:
+        try:
+            write_json_report(
+                report,
+                config={"merged_from": list(paths), "slo": [s.expr for s in slos]},
+                tests=entries,
+                interrupted=any(t.interrupted for t in tests),
+            )
+        except OSError as exc:
+            return _fail(f"cannot write the merged report {report!r}: {exc.strerror or exc}.", err)
+        out.write(f"merged report written to {report}\n")
+
+    for nodeid, messages in failures:
+        out.write(f"FAILED {nodeid}\n")
+        for message in messages:
+            out.write(f"  {message}\n")
+    verdict = (
+        f"{len(failures)} of {len(tests)} tests failed their SLOs on the merged data"
+        if failures
+        else f"every SLO of the {len(tests)} tests holds on the merged data"
+    )
+    out.write(f"LLM load merge: {verdict}\n")
+    return EXIT_SLO_FAILED if failures else EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: usage errors exit 2 with their message, --help 0
+        return int(exc.code or 0)
+    result: int = merge_command(args.reports, args.slo, args.report)
+    return result
+
+
+def _run() -> NoReturn:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    _run()
