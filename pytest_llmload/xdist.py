@@ -72,6 +72,11 @@ MSG_UNALIGNED = (
     "note: {tests}: the workers did not all reach the start within {timeout:g} s, so their "
     "shares did not start together and the merged arrivals are not the configured process."
 )
+MSG_REMOTE = (
+    "note: the workers are not all on this machine (--tx ssh/socket), so they could not start "
+    "their shares together: the merged arrivals only approximate the configured process, and the "
+    "records are joined on the hosts' wall clocks."
+)
 MSG_MISSING = (
     "note: {tests}: {got} of {total} workers sent their share (a worker crashed?); the figures "
     "cover the shares that arrived."
@@ -422,6 +427,8 @@ class ControllerPlugin:
             if why:
                 self.failures.append((nodeid, why))
                 session.testsfailed += 1
+        if self.mode == "each" and not self.same_machine and any(r.load for r in self.state.results):
+            self.notes.append(MSG_REMOTE)
         if unaligned:
             self.notes.append(MSG_UNALIGNED.format(
                 tests=_name_tests(unaligned), timeout=RENDEZVOUS_TIMEOUT))

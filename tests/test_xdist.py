@@ -294,3 +294,55 @@ def test_without_xdist_nothing_changes(pytester: pytest.Pytester, mock: MockServ
     assert "workers:" not in result.stdout.str()
     entry = _report(pytester.path / "report.json")["test_plain.py::test_load"]
     assert len(entry["records"]) == 4 and entry["workers"] == {}
+
+
+@pytest.fixture
+def socket_gateways(pytester: pytest.Pytester) -> Iterator[list[str]]:
+    """Two execnet socket servers on loopback: xdist's remote workers, without a second host."""
+    import select
+    import socket
+    import subprocess
+    import sys
+
+    import execnet
+
+    script = Path(execnet.__file__).parent / "script" / "socketserver.py"
+    procs, specs = [], []
+    try:
+        for _ in range(2):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            proc = subprocess.Popen(
+                [sys.executable, "-u", str(script), f"127.0.0.1:{port}"],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            )
+            procs.append(proc)
+            assert proc.stdout is not None
+            ready, _, _ = select.select([proc.stdout], [], [], 10)
+            assert ready and "Accept loop" in proc.stdout.readline()
+            specs.append(f"socket=127.0.0.1:{port}//chdir={pytester.path}")
+        yield specs
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_remote_workers_share_the_load_without_a_common_start(
+    pytester: pytest.Pytester, mock: MockServer, socket_gateways: list[str]
+) -> None:
+    """Workers that are not this machine's popen children (--tx socket/ssh) still drive shares
+    that add up and are merged and gated, on the wall clock; the summary says their starts could
+    not be aligned. (xdist needs no path arguments for them, or its deprecated --rsyncdir.)"""
+    pytester.makepyfile(test_remote=LOAD_TEST)
+    result = pytester.runpytest(
+        "--dist", "each", *(a for spec in socket_gateways for a in ("--tx", spec)),
+        "-p", "no:cacheprovider", "--llm-model", "openai/mock", "--llm-api-base", mock.base_url,
+        "--llm-report", "report.json",
+    )
+    assert result.ret == 0, result.stdout.str()
+    result.stdout.fnmatch_lines(["*workers: gw0 20, gw1 20*", "*could not start their shares*"])
+    entry = _report(pytester.path / "report.json")["test_remote.py::test_load"]
+    assert len(entry["records"]) == REQUESTS
+    assert entry["workers"] == {"gw0": REQUESTS // 2, "gw1": REQUESTS // 2}
