@@ -12,6 +12,7 @@ Two transports (DESIGN.md, "Transports"):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -635,6 +636,8 @@ class LLMClient:
                 if stream.done:
                     break
             record.end_ns = clock()
+            if stream.done and not content.at_eof():
+                await _drain_body(content)
         stream.end(record.end_ns)
         return self._finish(record, stream.deltas, stream.usage, stream.finish_reason,
                             stream.complete, stream.response_id, "".join(stream.text),
@@ -724,6 +727,24 @@ class LLMClient:
         # litellm assembles the stream itself; a stream it returned is complete.
         return self._finish(record, deltas, usage, finish_reason or "stop", True, response_id,
                             "".join(texts), "".join(reasoning))
+
+
+#: How long to wait after [DONE] for the body's own end (the chunked terminator).
+_DRAIN_S = 0.25
+
+
+async def _drain_body(content: Any) -> None:
+    """[DONE] ends the stream, not the HTTP body: servers that write the body's terminator
+    separately (uvicorn does) would otherwise have their connection closed instead of pooled.
+    Waits briefly; whatever follows [DONE] is ignored, and a body that doesn't end in time only
+    costs that connection's reuse."""
+
+    async def drain() -> None:
+        while await content.readany():
+            pass
+
+    with contextlib.suppress(Exception):  # the response is already complete
+        await asyncio.wait_for(drain(), _DRAIN_S)
 
 
 def _discard(record: RequestRecord) -> None:
