@@ -466,6 +466,7 @@ class LLMClient:
 
             self._resolve_sse()
             connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+            _stamp_arrivals(connector)
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=min(self.timeout, 10.0)),
@@ -627,9 +628,13 @@ class LLMClient:
             content = resp.content
             clock = time.perf_counter_ns
             feed = stream.feed
+            conn = resp.connection
+            proto: Any = conn.protocol if conn is not None else None
+            stamped = proto if getattr(proto, "rx_ns", None) is not None else None
             while True:
                 data = await content.readany()
-                t = clock()
+                # when the bytes reached this process, not when this task's turn came
+                t = stamped.rx_ns if stamped is not None else clock()
                 if not data:
                     break
                 feed(data, t)
@@ -745,6 +750,37 @@ async def _drain_body(content: Any) -> None:
 
     with contextlib.suppress(Exception):  # the response is already complete
         await asyncio.wait_for(drain(), _DRAIN_S)
+
+
+_STAMPING_HANDLER: Any = None
+
+
+def _stamp_arrivals(connector: Any) -> None:
+    """Make the connector's connections note when bytes arrive (``rx_ns``, taken in
+    ``data_received`` before aiohttp parses them), so a chunk's instant excludes the wait for the
+    reading task's turn: with hundreds of streams ready at once, that wait is the client's own
+    backlog, not the server's latency. aiohttp has no public hook for its protocol class; if its
+    internals differ, nothing changes and chunks are stamped when the task reads them."""
+    global _STAMPING_HANDLER
+    from aiohttp.client_proto import ResponseHandler
+
+    factory = getattr(connector, "_factory", None)
+    if not (isinstance(factory, functools.partial) and factory.func is ResponseHandler):
+        return
+    if _STAMPING_HANDLER is None:
+        clock = time.perf_counter_ns
+        received = ResponseHandler.data_received
+
+        class _StampingHandler(ResponseHandler):
+            rx_ns = 0
+
+            def data_received(self, data: bytes) -> None:
+                if data:
+                    self.rx_ns = clock()
+                received(self, data)
+
+        _STAMPING_HANDLER = _StampingHandler
+    connector._factory = functools.partial(_STAMPING_HANDLER, *factory.args, **factory.keywords)
 
 
 def _discard(record: RequestRecord) -> None:
