@@ -1,0 +1,212 @@
+"""The highest open-loop rate one pytest process holds, and what two xdist workers hold.
+
+    .venv/bin/python benchmarks/bench_rate.py            # about 2-3 minutes on 2 cores
+
+A load test with an async body (``await llm.astream(...)``) runs against the embedded mock (its
+own process; ``ttft=50ms,itl=5ms,tokens=20``) at a Poisson rate for about ``--seconds`` per step.
+A rate is *held* when the schedule lag (actual send - intended send, every request, from the run's
+JSON report) has p99 <= ``--limit-ms`` and no request failed. The rate doubles until it is not
+held, then bisects between the last held and the first missed rate. Then the same with
+``pytest -n 2 --dist each``: each worker drives half of the rate, and the lag is merged over both.
+
+Reference, measured in the same run: the lag p99 of the engine alone (``run_load`` with jobs that
+do nothing, same rate and arrivals, in this process), i.e. what the asyncio timer and the schedule
+cost before any HTTP. The mock's own request log gives the rate the server actually saw.
+
+Figures depend on the machine and on what else runs on it: the load average is printed with them.
+``--json PATH`` keeps every step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.append(str(HERE.parent))  # an installed (or PYTHONPATH) pytest_llmload comes first
+
+from pytest_llmload.engine import Arrival, JobContext, LoadPlan, run_load
+from pytest_llmload.mock import MockServer
+
+MAX_TOKENS = 20
+#: Fewer samples and "p99" is the largest lag or so: one hiccup of the machine decides it.
+MIN_REQUESTS = 200
+TEST_FILE = f"""
+import pytest
+
+@pytest.mark.llm_load(max_tokens={MAX_TOKENS})
+async def test_rate(llm):
+    await llm.astream("Tell me a story.")
+"""
+
+
+@dataclass
+class Step:
+    mode: str
+    rps: float
+    requests: int
+    lag_p50_ms: float | None
+    lag_p99_ms: float | None
+    achieved_rps: float | None
+    server_rps: float | None
+    failed: int
+    workers: dict[str, int]
+    seconds: float
+
+    def held(self, limit_ms: float) -> bool:
+        return self.failed == 0 and self.lag_p99_ms is not None and self.lag_p99_ms <= limit_ms
+
+
+def _server_rate(mock: MockServer) -> float | None:
+    sent: list[int] = sorted(
+        r["received_ns"] for r in mock.requests() if r.get("max_tokens") == MAX_TOKENS
+    )
+    if len(sent) < 2 or sent[-1] == sent[0]:
+        return None
+    return (len(sent) - 1) / ((sent[-1] - sent[0]) / 1e9)
+
+
+def run_step(mock: MockServer, workdir: Path, mode: str, rps: float, seconds: float) -> Step:
+    requests = max(MIN_REQUESTS, round(rps * seconds))
+    report = workdir / "report.json"
+    report.unlink(missing_ok=True)
+    xdist = ["-n", mode, "--dist", "each"] if mode != "1" else []
+    mock.reset()
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "test_rate.py", *xdist,
+         "--llm-model", "openai/mock", "--llm-api-base", mock.base_url,
+         "--llm-rps", f"{rps:g}", "--llm-requests", str(requests), "--llm-arrival", "poisson",
+         "--llm-report", str(report)],
+        cwd=workdir, capture_output=True, text=True, timeout=seconds * 3 + 120, check=False,
+    )
+    took = time.monotonic() - t0
+    if not report.exists():
+        raise SystemExit(f"the run at {rps:g} req/s wrote no report:\n{proc.stdout}\n{proc.stderr}")
+    entry = json.loads(report.read_text())["tests"][0]
+    lag = entry["schedule_lag"]
+
+    def ms(v: float | None) -> float | None:
+        return None if v is None else v * 1e3
+
+    return Step(
+        mode=mode, rps=rps, requests=requests, lag_p50_ms=ms(lag["p50"]),
+        lag_p99_ms=ms(lag["p99"]), achieved_rps=entry["throughput"]["requests_per_s"],
+        server_rps=_server_rate(mock), failed=entry["requests"]["failed"],
+        workers=entry["workers"], seconds=took,
+    )
+
+
+def engine_floor(rps: float, seconds: float) -> float:
+    """Lag p99 (ms) of the engine's schedule alone: jobs that note the time and return."""
+    lags: list[int] = []
+
+    async def job(ctx: JobContext) -> None:
+        assert ctx.intended_start_ns is not None
+        lags.append(time.perf_counter_ns() - ctx.intended_start_ns)
+
+    plan = LoadPlan(requests=max(MIN_REQUESTS, round(rps * seconds)), rps=rps, arrival=Arrival("poisson"),
+                    seed=1, deadline=seconds * 3 + 10)
+    asyncio.run(run_load(plan, job))
+    return statistics.quantiles(lags, n=100)[98] / 1e6
+
+
+def find_rate(mock: MockServer, workdir: Path, mode: str, args: argparse.Namespace,
+              steps: list[Step], deadline: float) -> float | None:
+    """Double the rate until it is missed, then bisect. Returns the highest held rate."""
+    held: float | None = None
+    missed: float | None = None
+    rps = args.start
+    while rps <= args.max_rps and time.monotonic() < deadline:
+        step = run_step(mock, workdir, mode, rps, args.seconds)
+        steps.append(step)
+        print(_row(step, args.limit_ms), flush=True)
+        if not step.held(args.limit_ms):
+            missed = rps
+            break
+        held = rps
+        rps *= 2
+    for _ in range(args.bisect):
+        if held is None or missed is None or time.monotonic() >= deadline:
+            break
+        rps = round((held + missed) / 2)
+        if rps in (held, missed):
+            break
+        step = run_step(mock, workdir, mode, rps, args.seconds)
+        steps.append(step)
+        print(_row(step, args.limit_ms), flush=True)
+        if step.held(args.limit_ms):
+            held = rps
+        else:
+            missed = rps
+    return held
+
+
+HEADER = (f"{'workers':>7} {'rate':>6} {'reqs':>6} {'lag p50':>8} {'lag p99':>8} "
+          f"{'achieved':>9} {'server saw':>10} {'failed':>6}  held")
+
+
+def _fmt(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _row(s: Step, limit_ms: float) -> str:
+    return (f"{s.mode:>7} {s.rps:>6g} {s.requests:>6} {_fmt(s.lag_p50_ms):>8} "
+            f"{_fmt(s.lag_p99_ms):>8} {_fmt(s.achieved_rps, 1):>9} {_fmt(s.server_rps, 1):>10} "
+            f"{s.failed:>6}  {'yes' if s.held(limit_ms) else 'no'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--spec", default="ttft=50ms,itl=5ms,tokens=20", help="mock behaviour")
+    parser.add_argument("--seconds", type=float, default=4.0, help="load per step (s)")
+    parser.add_argument("--limit-ms", type=float, default=2.0, help="lag p99 a held rate keeps")
+    parser.add_argument("--start", type=float, default=25.0, help="first rate (req/s)")
+    parser.add_argument("--max-rps", type=float, default=3200.0, help="highest rate tried")
+    parser.add_argument("--bisect", type=int, default=3, help="bisection steps after a miss")
+    parser.add_argument("--workers", type=int, default=2, help="xdist workers in the 2nd part")
+    parser.add_argument("--budget", type=float, default=300.0, help="stop stepping after (s)")
+    parser.add_argument("--json", type=Path, default=None, help="write every step here")
+    args = parser.parse_args(argv)
+
+    deadline = time.monotonic() + args.budget
+    steps: list[Step] = []
+    best: dict[str, float | None] = {}
+    load_before = os.getloadavg()
+    with MockServer.start(args.spec) as mock, tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        (workdir / "test_rate.py").write_text(TEST_FILE)
+        print(f"mock: {args.spec}; async body; Poisson arrivals; ~{args.seconds:g} s per step; "
+              f"held = lag p99 <= {args.limit_ms:g} ms and no failure")
+        print(HEADER)
+        for mode in ("1", str(args.workers)):
+            best[mode] = find_rate(mock, workdir, mode, args, steps, deadline)
+    load_after = os.getloadavg()
+
+    one, many = best["1"], best[str(args.workers)]
+    print()
+    print(f"one process holds {_fmt(one, 0)} req/s; {args.workers} workers (--dist each) hold "
+          f"{_fmt(many, 0)} req/s" + (f" ({many / one:.2f}x)" if one and many else ""))
+    for rate in sorted({one or args.start, many or args.start}):
+        print(f"reference: the engine alone (no HTTP, this process) at {rate:g} req/s: lag p99 "
+              f"{engine_floor(rate, args.seconds):.2f} ms")
+    print(f"machine: {os.cpu_count()} CPUs, load average {load_before[0]:.1f} before, "
+          f"{load_after[0]:.1f} after")
+    if args.json is not None:
+        args.json.write_text(json.dumps(
+            {"best": best, "limit_ms": args.limit_ms, "spec": args.spec,
+             "steps": [asdict(s) for s in steps]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
