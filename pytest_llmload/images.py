@@ -4,13 +4,15 @@ The seed script fetched a placeholder image from the internet inside the timed r
 download counted as server latency and the same image was sent every time (a server's multimodal
 cache then skipped the vision encoder). Here every request gets its own image, generated in
 memory from a seed (a colour gradient stamped with the seed), so the pixels, not only the bytes,
-differ between requests.
+differ between requests; an :class:`ImageFeed` makes a load test's images in background threads
+before its schedule starts, so making them never shows in the timings.
 
 numpy and Pillow are imported inside the functions that need them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import copy
@@ -18,7 +20,8 @@ import io
 import random
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -34,6 +37,7 @@ __all__ = [
     "GeneratedImage",
     "ImageError",
     "ImageFactory",
+    "ImageFeed",
     "ImageInput",
     "image_heights",
     "image_part",
@@ -150,10 +154,15 @@ def image_heights(seed: int, count: int) -> list[int]:
 
 
 class ImageFactory:
-    """One image per request index, reproducible from ``(seed, index)``.
+    """One image per request index: its size reproducible from ``(seed, index)``.
 
     ``include=False`` gives no images. ``randomize=True`` keeps the width at 1024 and draws the
     height from 100..1024, as the seed script's ``--randomize-image-dimensions`` did.
+
+    ``salt`` is mixed into the pixels only, never the sizes: the plugin passes a random salt per
+    run, so the same seed repeats the heights while a server that kept last run's images (a
+    multimodal cache outlives a CI job) still sees new ones. With the same salt (0 by default)
+    the images repeat byte for byte.
     """
 
     def __init__(
@@ -164,12 +173,14 @@ class ImageFactory:
         seed: int,
         width: int = DEFAULT_WIDTH,
         height: int = DEFAULT_HEIGHT,
+        salt: int = 0,
     ) -> None:
         self.include = include
         self.randomize = randomize
         self.seed = seed
         self.width = width
         self.height = height
+        self.salt = salt & 0xFFFFFFFFFFFFFFFF
 
     def size(self, index: int) -> tuple[int, int]:
         """The ``(width, height)`` of image ``index``, without making it."""
@@ -183,7 +194,8 @@ class ImageFactory:
             return None
         rng = self._rng(index)
         height = random_height(rng) if self.randomize else self.height
-        return make_image(self.width, height, seed=rng.getrandbits(64))
+        # XOR with one salt keeps distinct indices distinct
+        return make_image(self.width, height, seed=rng.getrandbits(64) ^ self.salt)
 
     def _rng(self, index: int) -> random.Random:
         # A str seed is hashed with SHA-512: stable across processes, unlike hash().
@@ -192,7 +204,89 @@ class ImageFactory:
     def __repr__(self) -> str:
         return (
             f"ImageFactory(include={self.include}, randomize={self.randomize}, seed={self.seed}, "
-            f"width={self.width}, height={self.height})"
+            f"width={self.width}, height={self.height}, salt={self.salt})"
+        )
+
+
+def _yield_cpu() -> None:
+    """Lower this thread's CPU priority, where the OS allows it per thread (Linux): on a busy
+    machine the event loop, which timestamps the streams, runs first."""
+    import os
+    import threading
+
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):
+        pass
+
+
+class ImageFeed:
+    """A load test's images, made ahead of its schedule in background threads.
+
+    A 1024x512 PNG costs several milliseconds of CPU. Made on the event loop that carries every
+    stream, it would hold back the other streams' chunk timestamps; made when the request's turn
+    comes, it would count as schedule lag. So the feed makes the images of ``order`` (the
+    indices in the order the schedule will ask for them) ``ahead`` at a time in ``threads``
+    threads (numpy and zlib release the GIL), and a request picks up a finished one.
+
+    Use from one event loop: ``await prime()`` before the schedule starts, ``await get(i)`` per
+    request, ``close()`` at the end. An index outside ``order`` is made on demand, still in a
+    thread. ``on_demand`` and ``waited`` count the images that were not made, or not finished,
+    ahead of their request.
+    """
+
+    def __init__(
+        self,
+        factory: ImageFactory,
+        order: Iterable[int],
+        *,
+        ahead: int = 16,
+        threads: int = 2,
+    ) -> None:
+        self.factory = factory
+        self._order = iter(order)
+        self._ahead = max(1, ahead)
+        self._pool = ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix="llmload-images", initializer=_yield_cpu
+        )
+        self._pending: dict[int, Future[GeneratedImage | None]] = {}
+        self.on_demand = 0
+        self.waited = 0
+
+    def _fill(self) -> None:
+        while len(self._pending) < self._ahead:
+            index = next(self._order, None)
+            if index is None:
+                return
+            if index not in self._pending:
+                self._pending[index] = self._pool.submit(self.factory.next, index)
+
+    async def prime(self) -> None:
+        """Start making images and wait for the first ``ahead`` of them."""
+        self._fill()
+        if self._pending:
+            await asyncio.wait([asyncio.wrap_future(f) for f in self._pending.values()])
+
+    async def get(self, index: int) -> GeneratedImage | None:
+        """The image of request ``index``; waits only if it is not made yet."""
+        future = self._pending.pop(index, None)
+        if future is None:
+            self.on_demand += 1
+            future = self._pool.submit(self.factory.next, index)
+        self._fill()
+        if not future.done():
+            self.waited += 1
+        return await asyncio.wrap_future(future)
+
+    def close(self) -> None:
+        """Drop the images made ahead and not asked for; stop the threads."""
+        self._pending.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __repr__(self) -> str:
+        return (
+            f"<ImageFeed {self.factory!r} ahead={self._ahead} pending={len(self._pending)} "
+            f"on_demand={self.on_demand} waited={self.waited}>"
         )
 
 
