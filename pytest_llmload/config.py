@@ -447,6 +447,9 @@ class LoadSettings:
                 loop += f", concurrency <= {self.concurrency}"
         if self.warmup:
             loop += f", after {_plural(self.warmup, 'warm-up request')}"
+        if self.include_image:
+            size = "1024 wide, 100-1024 high" if self.randomize_image_dimensions else "1024x512"
+            loop += f", with an image each ({size})"
         return loop
 
 
@@ -548,6 +551,23 @@ class _Sources:
         return None if found is None else found.value
 
 
+def _image_settings(src: _Sources) -> tuple[bool, bool]:
+    """``(include_image, randomize_image_dimensions)``. Random heights imply images, unless
+    ``include_image`` is false at a layer at least as specific (a marker's
+    ``include_image=False`` keeps its test text-only under ``--llm-randomize-image-dimensions``)."""
+    include = src.find("include_image", parse_bool)
+    randomize = src.find("randomize_image_dimensions", parse_bool)
+    if randomize is None or not randomize.value:
+        return bool(include is not None and include.value), False
+
+    def rank(found: _Found[bool], key: str) -> int:
+        return [marker_option(key), cli_option(key), ini_option(key)].index(found.option)
+
+    if include is None or include.value:
+        return True, True
+    return rank(include, "include_image") > rank(randomize, "randomize_image_dimensions"), True
+
+
 def resolve_settings(
     marker_kwargs: Mapping[str, object],
     cli: Mapping[str, object | None],
@@ -619,6 +639,7 @@ def resolve_settings(
                 slos.append(slo)
 
     arrival = src.get_optional("arrival", parse_arrival)
+    include_image, randomize_image = _image_settings(src)
     return LoadSettings(
         requests=requests,
         rps=rps,
@@ -630,6 +651,6 @@ def resolve_settings(
         timeout=src.get("timeout", parse_duration, DEFAULT_TIMEOUT),
         max_tokens=src.get_optional("max_tokens", parse_count),
         slo=tuple(slos),
-        include_image=src.get("include_image", parse_bool, False),
-        randomize_image_dimensions=src.get("randomize_image_dimensions", parse_bool, False),
+        include_image=include_image,
+        randomize_image_dimensions=randomize_image,
     )
