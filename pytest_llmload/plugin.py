@@ -458,6 +458,8 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     phase, so JUnit, xdist and the exit code all see it."""
     try:
         result = yield
+    except (pytest.skip.Exception, pytest.xfail.Exception):
+        raise  # a skipped or xfailed test has no figures to show
     except BaseException:
         # Keep what was measured, but never replace an interrupt (or the body's own error)
         # with an SLO verdict: Ctrl-C must stop the session, not fail one test and go on.

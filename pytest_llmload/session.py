@@ -324,6 +324,7 @@ def run_load_test(
         max_workers=plan.my_concurrency or DEFAULT_SYNC_THREADS, thread_name_prefix="llm_load"
     )
     counts = {"done": 0, "failed": 0, "in_flight": 0}
+    verdicts: list[BaseException] = []
 
     async def job(ctx: JobContext) -> None:
         state = _JobState(ctx.intended_start_ns, ctx.warmup)
@@ -350,8 +351,13 @@ def run_load_test(
                     if pending:
                         await asyncio.wait(pending, timeout=5)
                     raise
+        except (pytest.skip.Exception, pytest.xfail.Exception, pytest.exit.Exception) as exc:
+            # pytest.skip(), xfail() or exit() in the body decides the whole test (or session),
+            # not one request: stop the load and raise it from the test once the load is down
+            verdicts.append(exc)
+            stop.set()
         except (Exception, AssertionError, pytest.fail.Exception) as exc:  # noqa: BLE001
-            # whatever the body raised ends this request, not the load test
+            # whatever else the body raised ends this request, not the load test
             _record_body_failure(state, llm._sink(state), exc)
         finally:
             _job.reset(token)
@@ -385,9 +391,13 @@ def run_load_test(
     try:
         while True:
             try:
-                return fut.result(timeout=0.1)
+                outcome = fut.result(timeout=0.1)
             except concurrent.futures.TimeoutError:
                 pass
+            else:
+                if verdicts:
+                    raise verdicts[0]
+                return outcome
             if progress is not None and time.monotonic() >= next_progress:
                 next_progress += PROGRESS_EVERY
                 of = f"/{total}" if total is not None else ""

@@ -663,3 +663,33 @@ def test_ctrl_c_during_a_load_test_stops_the_session(
     assert doc["interrupted"] is True
     assert len(doc["tests"][0]["records"]) == 5
 
+
+
+def test_skip_or_xfail_in_a_load_body_decides_the_test(
+    pytester: pytest.Pytester, mock: MockServer
+) -> None:
+    pytester.makepyfile(
+        test_verdicts="""
+        import pytest
+
+        @pytest.mark.llm_load(requests=40, rps=50)
+        def test_skips(llm):
+            llm.stream("hi", max_tokens=8)
+            pytest.skip("the endpoint has no vision support")
+
+        @pytest.mark.llm_load(requests=40, rps=50)
+        async def test_xfails(llm):
+            pytest.xfail("known to be slow")
+        """
+    )
+    result = run(pytester, "-rsx", server=mock)
+    result.assert_outcomes(skipped=1, xfailed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "SKIPPED [1] test_verdicts.py:6: the endpoint has no vision support",
+            "XFAIL test_verdicts.py::test_xfails - known to be slow",
+        ]
+    )
+    text = output(result)
+    assert "never retrieved" not in text and "LLM load: " not in text
+    assert len(by_max_tokens(mock.requests(), 8)) < 40  # the load stopped at the verdict
