@@ -139,9 +139,20 @@ def _ini_type(o: _Opt) -> Any:
     booleans (``llm_rps = 10``), which plain 'string' refuses there."""
     if o.ini_type == "linelist":
         return "linelist"
-    if _pytest_version() >= (9, 2):
-        return str | int | float | bool
+    if _pytest_version() < (9, 2):
+        return "string"
+    if o.flag:
+        return str | bool
+    if o.key in _INI_INTS:
+        return str | int
+    if o.key in _INI_NUMBERS:
+        return str | int | float
     return "string"
+
+
+#: Ini keys a TOML file may give as a native whole number, or any number (``llm_rps = 2.5``).
+_INI_INTS = frozenset({"requests", "concurrency", "seed", "warmup", "max_tokens"})
+_INI_NUMBERS = frozenset({"rps", "duration", "timeout"})
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
