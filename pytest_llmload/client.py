@@ -529,9 +529,12 @@ class LLMClient:
         messages = to_messages(messages_or_prompt)
         image_meta = None
         if image is not None:
-            from .images import image_part, with_image
+            from .images import GeneratedImage, image_part, with_image
 
-            part, image_meta = image_part(image)
+            if isinstance(image, GeneratedImage):
+                part, image_meta = image_part(image)
+            else:  # reading or encoding a user's image is no work for the loop all streams share
+                part, image_meta = await asyncio.to_thread(image_part, image)
             messages = with_image(messages, part)
         payload = self.build_payload(messages, kwargs)
         record = RequestRecord(
