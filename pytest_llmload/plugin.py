@@ -85,7 +85,8 @@ OPTIONS = (
     _Opt("concurrency", "cap on requests in flight; without a rate, a closed loop of C.", "C"),
     _Opt("arrival", "arrival process: poisson, constant, gamma:<burstiness>, batch. "
          "Default: 'poisson'.", "KIND"),
-    _Opt("seed", "seed of the arrival schedule. Default: derived from the test id.", "N"),
+    _Opt("seed", "seed of the arrival schedule and of the image heights. Default: derived from "
+         "the test id.", "N"),
     _Opt("duration", "stop issuing requests after this long (30s, 2m ...).", "S"),
     _Opt("warmup", "warm-up requests per load test, never counted. Default: 0.", "N"),
     _Opt("timeout", "per-request timeout. Default: 60s.", "S"),
@@ -98,10 +99,12 @@ OPTIONS = (
     _Opt("report", "write a JSON report (config, per-test summaries, per-request records).",
          "PATH"),
     _Opt("error_log", "write one line per failed request.", "PATH"),
-    _Opt("include_image", "attach a locally generated 1024x512 PNG to each request.",
+    _Opt("include_image", "attach a locally generated 1024x512 PNG to each request (made "
+         "before the schedule starts, new pixels every run).",
          flag=True),
-    _Opt("randomize_image_dimensions", "attached images get a random height from 100 to 1024 "
-         "(seeded).", flag=True),
+    _Opt("randomize_image_dimensions", "attach images with a random height from 100 to 1024, "
+         "repeating with --llm-seed; implies --llm-include-image unless include_image is false "
+         "at the same or a higher level (marker over CLI over ini).", flag=True),
     _Opt("mock", "behaviour of the embedded mock server, e.g. "
          "'ttft=200ms,itl=20ms,tokens=128,jitter=0.1,error_rate=0.01'.", "SPEC"),
 )
