@@ -30,6 +30,7 @@ from pytest_llmload.records import RequestRecord
 TRANSPORTS = ("sse", "litellm")
 #: A per-request timeout well under the mock's stall, so ``stall`` is a timeout.
 TIMEOUT = 0.5
+LOAD_TIMEOUT = 2.0
 MOCK_SPEC = "ttft=2ms,itl=1ms,tokens=8,stall=5s"
 
 #: fault -> (error type, a fragment of the message) per transport; None: the request succeeds.
@@ -318,3 +319,98 @@ def test_ctrl_c_stops_the_load_and_leaves_a_valid_report(pytester: pytest.Pytest
     assert entry["interrupted_requests"] == len(cut)
     # every request the server saw before the interrupt is accounted for (plus the warm-up)
     assert len(records) + 1 >= stats["ok"]
+
+
+# -- a load test against a misbehaving server, through the plugin ------------------------------
+
+#: 32 requests cycle through every fault twice, and 8 good ones.
+MIXED_BODY = '''
+import itertools
+import pytest
+
+CYCLE = {faults!r} + [None] * 4
+_turn = itertools.count()
+
+@pytest.mark.llm_load(requests=32, rps=400, concurrency=8, timeout={timeout!r},
+                      slo=["error_rate<1%"])
+def test_faults(llm):
+    fault = CYCLE[next(_turn) % len(CYCLE)]
+    llm.stream("Tell me a story.", extra_headers={{"X-Mock-Fault": fault}} if fault else None)
+
+async def test_nothing_left_behind(llm):
+    # a plain async test runs on the load loop: after the faulty load, nothing else is on it
+    import asyncio, threading, time
+    assert asyncio.all_tasks() == {{asyncio.current_task()}}
+    deadline = time.monotonic() + 5
+    while any(t.name.startswith("llm_load") for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the load's body threads outlived it"
+        await asyncio.sleep(0.02)
+'''
+
+LITELLM_CONFTEST = '''
+import pytest
+from pytest_llmload.client import Endpoint
+
+@pytest.fixture(scope="session")
+def llm_endpoint():
+    return Endpoint("openai/mock", {base!r}, "sk-test-key", transport="litellm")
+'''
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_faulty_load_goes_on_counts_every_failure_and_stays_within_its_bounds(
+    pytester: pytest.Pytester, mock: MockServer, transport: str
+) -> None:
+    # a looser timeout than TIMEOUT: eight streams at once through litellm on a busy machine
+    pytester.makepyfile(test_faults=MIXED_BODY.format(faults=list(FAULTS), timeout=LOAD_TIMEOUT))
+    if transport == "litellm":
+        pytester.makeconftest(LITELLM_CONFTEST.format(base=mock.base_url))
+    mock.reset()
+    result = pytester.runpytest(
+        "-p", "no:cacheprovider", "--llm-model", "openai/mock", "--llm-api-base", mock.base_url,
+        "--llm-report=report.json", "--llm-error-log=errors.log",
+    )
+    expected: dict[str, int] = {}
+    for fault in FAULTS:
+        outcome = EXPECTED[fault][transport]
+        if outcome is not None:
+            expected[outcome[0]] = expected.get(outcome[0], 0) + 2
+    failed = sum(expected.values())
+    ok = 32 - failed
+
+    (entry,) = [t for t in json.loads((pytester.path / "report.json").read_text())["tests"]
+                if t["nodeid"].endswith("test_faults")]
+    assert entry["error_types"] == expected, sorted(
+        {(r["error_type"], r["error"][:90]) for r in entry["records"] if r["error_type"]})
+    assert entry["requests"] == {"ok": ok, "failed": failed, "total": 32}
+    # the run went on; the SLO on the error rate failed the load test, naming the figure
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines([
+        "*SLO failed: error_rate = * > 1% (n=32)*",
+        f"*32 requests: {ok} ok, {failed} failed*",
+    ])
+    assert entry["error_rate"] == pytest.approx(failed / 32)
+    # latency statistics are the good requests' only
+    assert entry["metrics"]["ttft"]["count"] == ok
+    assert entry["metrics"]["itl"]["count"] == ok * 7
+    records = entry["records"]
+    assert len(records) == 32
+    assert all(rec["error"] for rec in records if rec["error_type"] is not None)
+    # the error log: one line per failed request, with its type and the server's message
+    lines = (pytester.path / "errors.log").read_text().splitlines()
+    assert len(lines) == failed
+    assert sum("http_429: Rate limit reached for requests." in line for line in lines) == 2
+    assert sum(f"timeout: no complete response within {LOAD_TIMEOUT:g} s" in line
+               for line in lines) == 2
+
+    # what the server saw: the count (plus the session's one warm-up), never more than the cap
+    stats = mock.stats()
+    assert stats["requests"] == 32 + 1, "hidden retries, or requests past the count"
+    assert stats["max_in_flight"] <= 8
+    assert stats["in_flight"] == 0
+    if transport == "sse":  # litellm keeps its own connection pool for the process
+        # one connection is open: the one asking for the stats
+        deadline = time.monotonic() + 5
+        while mock.stats()["open_connections"] > 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert mock.stats()["open_connections"] == 1, "the session left connections open"
