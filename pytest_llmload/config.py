@@ -54,6 +54,10 @@ EXPECT_MOCK = "a mock spec such as 'ttft=200ms,itl=20ms,tokens=128'"
 EXPECT_TOKENIZER = (
     "a tokenizer: a Hugging Face model name or local path, 'tiktoken:<encoding>' or 'usage'"
 )
+EXPECT_TRANSPORT = (
+    "auto (the lean SSE reader for OpenAI-compatible providers, litellm for the others), "
+    "sse or litellm"
+)
 
 MSG_POSITIONAL = (
     "llm_load takes keyword arguments only (e.g. llm_load(requests=100, rps=10)), "
@@ -343,6 +347,17 @@ def parse_model(value: object, option: str = "--llm-model") -> str:
         if text and not any(ch.isspace() for ch in text):
             return text
     raise _error(option, EXPECT_MODEL, value)
+
+
+#: ``--llm-transport`` values; ``sse`` and ``litellm`` are ``client.TRANSPORT_SSE`` / ``_LITELLM``.
+TRANSPORTS = ("auto", "sse", "litellm")
+
+
+def parse_transport(value: object, option: str = "--llm-transport") -> str:
+    """``auto``, ``sse`` or ``litellm`` (any case): how requests are streamed and timed."""
+    if isinstance(value, str) and value.strip().lower() in TRANSPORTS:
+        return value.strip().lower()
+    raise _error(option, EXPECT_TRANSPORT, value)
 
 
 #: ``user:password@`` at the start of a URL's authority, with or without ``scheme://`` before it.

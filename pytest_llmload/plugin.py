@@ -70,6 +70,7 @@ def _parsers() -> dict[str, Callable[[object, str], object]]:
         "timeout": c.parse_duration, "max_tokens": c.parse_count, "tokenizer": c.parse_tokenizer,
         "slo": lambda v, o: c.parse_slo_list(v, o), "mock": c.parse_mock,
         "include_image": c.parse_bool, "randomize_image_dimensions": c.parse_bool,
+        "transport": c.parse_transport,
     }
 
 
@@ -107,6 +108,10 @@ OPTIONS = (
          "at the same or a higher level (marker over CLI over ini).", flag=True),
     _Opt("mock", "behaviour of the embedded mock server, e.g. "
          "'ttft=200ms,itl=20ms,tokens=128,jitter=0.1,error_rate=0.01'.", "SPEC"),
+    _Opt("transport", "how requests are streamed and timed: 'auto' (the lean SSE reader for "
+         "OpenAI-compatible providers, litellm for the others), 'sse' (the lean reader; the "
+         "endpoint must speak OpenAI's wire format) or 'litellm' (litellm.acompletion, e.g. to "
+         "compare the two). Default: 'auto'.", "KIND"),
 )
 _OPT = {o.key: o for o in OPTIONS}
 LOAD_OPTION_KEYS = (
@@ -324,15 +329,21 @@ def llm_endpoint(request: pytest.FixtureRequest) -> Endpoint:
     if model is None:
         pytest.skip(MSG_NO_MODEL)
     key = _get(state, "api_key")
+    from .config import parse_transport
+
+    transport = parse_transport(_get(state, "transport") or "auto")
     if model == "mock":
         if state.mock is None:
             from .mock import MockServer
 
             spec = _get(state, "mock") or ""
             state.mock = MockServer.start(str(spec))
-        return Endpoint("openai/mock", state.mock.base_url, None, transport="sse")
+        # litellm's OpenAI client sends nothing without a key; the mock takes any
+        return Endpoint("openai/mock", state.mock.base_url,
+                        "sk-unused" if transport == "litellm" else None,
+                        transport="sse" if transport == "auto" else transport)
     return Endpoint(str(model), _get(state, "api_base"),  # type: ignore[arg-type]
-                    str(key) if key is not None else None)
+                    str(key) if key is not None else None, transport=transport)
 
 
 def _runner(request: pytest.FixtureRequest, endpoint: Endpoint) -> Runner:

@@ -29,6 +29,7 @@ from pytest_llmload.config import (
     parse_rate,
     parse_seed,
     parse_slo_list,
+    parse_transport,
     resolve_settings,
 )
 
@@ -296,6 +297,21 @@ def test_parse_model_good(value: str, expected: str) -> None:
 @pytest.mark.parametrize("value", ["", "   ", "my model", "a\tb", 5, None, ["mock"]])
 def test_parse_model_bad(value: object) -> None:
     assert_sentence(error_of(parse_model, value), "--llm-model", value)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("auto", "auto"), ("sse", "sse"), (" LiteLLM ", "litellm"), ("SSE", "sse")],
+)
+def test_parse_transport_good(value: str, expected: str) -> None:
+    assert parse_transport(value) == expected
+
+
+@pytest.mark.parametrize("value", ["", "http", "openai", "lite llm", None, 1, ["sse"]])
+def test_parse_transport_bad(value: object) -> None:
+    message = error_of(parse_transport, value)
+    assert_sentence(message, "--llm-transport", value)
+    assert "auto" in message and "sse" in message and "litellm" in message
 
 
 @pytest.mark.parametrize(
