@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .client import Endpoint, LLMClient, StreamError, StreamResult
+from .client import ERR_CANCELLED, Endpoint, LLMClient, StreamError, StreamResult
 from .config import LoadSettings
 from .engine import STOP_DEADLINE, STOP_INTERRUPTED, JobContext, LoadOutcome, LoadPlan, LoopThread
 from .records import RequestRecord
@@ -228,6 +228,12 @@ class LLM:
             result: StreamResult = self._runner.loop.run(coro)
         except StreamError as exc:
             raise exc.with_traceback(None) from None
+        except concurrent.futures.CancelledError:
+            if state is not None and state.cancelled:
+                # The load test is over. A BaseException ends the body even if it catches
+                # Exception around its requests; otherwise its thread would spin on, for ever.
+                raise asyncio.CancelledError from None
+            raise
         return result
 
 
@@ -424,6 +430,8 @@ def run_load_test(
             except concurrent.futures.TimeoutError:
                 pass
             else:
+                if outcome.stopped_reason == STOP_DEADLINE:
+                    _cut_at_bound(llm.records, plan.deadline or 0.0)
                 if verdicts:
                     raise verdicts[0]
                 return outcome
@@ -449,6 +457,14 @@ def run_load_test(
             threads.shutdown(wait=False, cancel_futures=True)
         if images is not None:
             images.close()
+
+
+def _cut_at_bound(records: Sequence[RequestRecord], bound: float) -> None:
+    """Requests the bound cancelled say so; they were not interrupted by the user."""
+    for rec in records:
+        if rec.error_type == ERR_CANCELLED and rec.interrupted:
+            rec.interrupted = False
+            rec.error = f"cancelled when the load test reached its bound of {bound:.3g} s"
 
 
 def summarize_test(
@@ -507,10 +523,13 @@ def gate(result: LoadResult) -> str | None:
     outcome = result.outcome
     if result.load and not records:
         return MSG_NO_REQUESTS
+    lines = []
     if records and all(not r.ok for r in records):
-        return MSG_ALL_FAILED.format(n=len(records), errors=_first_errors(records))
-    lines = [r.message for r in result.slo_results if not r.passed]
+        lines.append(MSG_ALL_FAILED.format(n=len(records), errors=_first_errors(records)))
+    else:
+        lines.extend(r.message for r in result.slo_results if not r.passed)
     if outcome is not None and outcome.stopped_reason == STOP_DEADLINE:
+        # said even when every request failed: that the schedule could not complete is the news
         s = result.settings
         bound = _plan(s, 0, 1).deadline if s is not None else 0.0
         lines.append(MSG_STOPPED.format(

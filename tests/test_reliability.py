@@ -414,3 +414,78 @@ def test_faulty_load_goes_on_counts_every_failure_and_stays_within_its_bounds(
         while mock.stats()["open_connections"] > 1 and time.monotonic() < deadline:
             time.sleep(0.02)
         assert mock.stats()["open_connections"] == 1, "the session left connections open"
+
+
+# -- the session never hangs -------------------------------------------------------------------
+
+#: Bodies that can never finish: every request stalls past the timeout and the body retries for
+#: ever, swallowing every Exception. Only the load test's bound can stop them.
+ENDLESS_BODIES = {
+    "sync": '''
+import pytest
+
+@pytest.mark.llm_load(requests=2, rps=100, timeout=0.2)
+def test_endless(llm):
+    while True:
+        try:
+            llm.stream("hi", extra_headers={"X-Mock-Fault": "stall"})
+        except Exception:
+            pass
+''',
+    "async": '''
+import pytest
+
+@pytest.mark.llm_load(requests=2, rps=100, timeout=0.2)
+async def test_endless(llm):
+    while True:
+        try:
+            await llm.astream("hi", extra_headers={"X-Mock-Fault": "stall"})
+        except Exception:
+            pass
+''',
+}
+AFTER_ENDLESS = '''
+import threading, time
+
+def test_after(llm):
+    deadline = time.monotonic() + 5
+    while any(t.name.startswith("llm_load") for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "a body thread outlived its load test"
+        time.sleep(0.02)
+'''
+
+
+def test_a_load_that_cannot_complete_is_stopped_at_its_bound(pytester: pytest.Pytester) -> None:
+    # bound = 2 requests / 100 req/s * 1.5 + 0.2 s timeout + 10 s = 10.23 s
+    procs = {}
+    for kind, body in ENDLESS_BODIES.items():
+        folder = pytester.mkdir(kind)
+        (folder / "test_endless.py").write_text(body)
+        (folder / "test_zafter.py").write_text(AFTER_ENDLESS)
+        procs[kind] = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--llm-model", "mock",
+             "--llm-mock", "ttft=1ms,itl=1ms,tokens=4,stall=5s", "--llm-report=report.json"],
+            cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+    t0 = time.monotonic()
+    outputs = {}
+    try:
+        for kind, proc in procs.items():  # side by side: one wait of ~10 s, not two
+            outputs[kind] = proc.communicate(timeout=40)[0].decode(errors="replace")
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert time.monotonic() - t0 < 30, "the session outlived the bound of its load test"
+    for kind, text in outputs.items():
+        assert procs[kind].returncode == 1, text
+        assert "1 failed, 1 passed" in text, text
+        assert "the load test was stopped at its bound of 10.2 s before the schedule completed" \
+            in text, text
+        doc = json.loads((pytester.path / kind / "report.json").read_text())
+        (entry,) = [t for t in doc["tests"] if t["nodeid"].endswith("test_endless")]
+        assert entry["interrupted"] is False and entry["interrupted_requests"] == 0
+        kinds = entry["error_types"]
+        assert set(kinds) == {"timeout", "cancelled"} and kinds["cancelled"] == 2, kinds
+        assert entry["error_rate"] == 1.0
