@@ -237,9 +237,10 @@ def pytest_configure(config: pytest.Config) -> None:
     # to the ini file (as pytest's own 'paths' ini type).
     ini_dir = config.inipath.parent if config.inipath else config.invocation_params.dir
     for key in ("report", "error_log"):
-        for layer, base in ((cli, config.invocation_params.dir), (ini, ini_dir)):
+        for layer, base, option in ((cli, config.invocation_params.dir, _OPT[key].cli),
+                                    (ini, ini_dir, f"llm_{key} (ini)")):
             if layer.get(key) is not None:
-                layer[key] = str(Path(base, str(layer[key])))
+                layer[key] = _output_path(str(layer[key]), base, option)
     if cli.get("api_key") is None and ini.get("api_key") is None and os.environ.get(ENV_API_KEY):
         cli["api_key"] = os.environ[ENV_API_KEY]
     state = _State(cli=cli, ini=ini)
@@ -247,6 +248,34 @@ def pytest_configure(config: pytest.Config) -> None:
     from .xdist import configure as configure_xdist
 
     configure_xdist(config, state)  # the worker's share; nothing without xdist
+
+
+MSG_OUTPUT_PATH = (
+    "{option}: expected the path of a file pytest-llmload can write, got {value!r}, {why}."
+)
+
+
+def _output_path(value: str, base: Path, option: str) -> str:
+    """The absolute path of an output file, checked now (its folder made, a file written there
+    and removed): a report that cannot be written must not be found out after the whole run."""
+    import tempfile
+
+    def bad(why: str) -> pytest.UsageError:
+        return pytest.UsageError(MSG_OUTPUT_PATH.format(option=option, value=value, why=why))
+
+    if not value.strip() or "\0" in value:
+        raise bad("which names no file")
+    path = Path(base, value)
+    if path.is_dir() or value.endswith(("/", os.sep)):
+        raise bad("which is a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except (OSError, ValueError) as exc:
+        raise bad(f"whose folder cannot be written ({getattr(exc, 'strerror', None) or exc})")
+    return str(path)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -381,7 +410,14 @@ def llm(request: pytest.FixtureRequest, llm_endpoint: Endpoint) -> Iterator[LLM]
 
     item = request.node
     settings = item.stash.get(_settings_key, None)
-    obj = LLM(_runner(request, llm_endpoint), settings)
+    runner = _runner(request, llm_endpoint)
+    try:
+        runner.tokenizer  # noqa: B018 - loaded now: a name that parses may still not load
+    except ConfigError as exc:
+        # a bad --llm-tokenizer, found out when it is first needed: the run stops, as for any
+        # bad option value, rather than every test failing with the same traceback
+        pytest.exit(str(exc), returncode=pytest.ExitCode.USAGE_ERROR)
+    obj = LLM(runner, settings)
     item.stash[_llm_key] = obj
     yield obj
 

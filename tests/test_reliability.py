@@ -20,11 +20,16 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from pytest_llmload import plugin
 from pytest_llmload.client import Endpoint, LLMClient, StreamError
+from pytest_llmload.config import LOAD_KEYS, ConfigError
 from pytest_llmload.metrics import summarize
 from pytest_llmload.mock import FAULTS, MockServer
 from pytest_llmload.records import RequestRecord
@@ -681,3 +686,115 @@ def test_the_api_key_appears_in_no_output(
     assert "key revoked mid-stream: Bearer ***" in outputs["terminal"]
     for name, text in outputs.items():
         assert SECRET not in text, f"the API key leaked into the {name}"
+
+
+# -- every option and marker value: a value or a usage error, never a traceback -----------------
+
+#: Text that looks like option values (numbers, units, SLOs, specs, URLs) or like nothing at all.
+_values = st.one_of(
+    st.text(max_size=30),
+    st.from_regex(r"\A[-+]?[0-9]{0,4}\.?[0-9]{0,3}(e[-+]?[0-9]{1,3})?(us|ms|s|m|h|%|inf)?\Z"),
+    st.from_regex(r"\A(ttft|itl|e2e|error_rate|goodput|x)(\.p[0-9]{1,3}|\.mean)?(<|<=|>|=)"
+                  r"[0-9.]{0,5}(ms|s|%)?\Z"),
+    st.from_regex(r"\A((ttft|itl|tokens|fault|stall|jitter|x)=[a-z0-9.%_-]{0,6},?){0,3}\Z"),
+    st.from_regex(r"\A(https?|ftp)?:?/{0,2}[a-z0-9.:@-]{0,12}(/v1)?\Z"),
+    st.sampled_from(["", " ", "none", "inf", "usage", "tiktoken:nope", "gamma:0", "mock",
+                     "sse", "litellm", "true", "maybe", "-1", "1e999", "nan"]),
+)
+
+
+@pytest.mark.parametrize("key", sorted(plugin._parsers()))
+@settings(max_examples=150, deadline=None)
+@given(value=_values)
+def test_every_option_parser_gives_a_value_or_a_config_error(key: str, value: str) -> None:
+    parse = plugin._parsers()[key]
+    option = plugin._OPT[key].cli
+    try:
+        parse(value, option)
+    except ConfigError as exc:
+        message = str(exc)
+        assert message.startswith(f"{option}: "), message
+        assert message.endswith("."), message
+
+
+#: Relative paths without '..': random output paths must stay inside the test's folder.
+_paths = st.text(
+    alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="\0"), max_size=20
+).filter(lambda p: not p.startswith(("/", "~")) and ".." not in p)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(value=_paths)
+def test_output_paths_are_checked_at_start(tmp_path: Path, value: str) -> None:
+    try:
+        path = plugin._output_path(value, tmp_path, "--llm-report")
+    except pytest.UsageError as exc:
+        assert str(exc).startswith("--llm-report: expected the path of a file"), str(exc)
+        return
+    assert Path(path).parent.is_dir() and not Path(path).is_dir()
+    assert Path(path).is_relative_to(tmp_path)
+
+
+def _assert_value_or_usage_error(result: pytest.RunResult, named: str) -> None:
+    text = "\n".join(result.outlines + result.errlines)
+    assert result.ret in (pytest.ExitCode.OK, pytest.ExitCode.USAGE_ERROR), text
+    assert "Traceback" not in text and "INTERNALERROR" not in text, text
+    if result.ret == pytest.ExitCode.USAGE_ERROR:
+        assert named in text, text
+
+
+_E2E = settings(max_examples=25, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
+_VALUED = [o for o in plugin.OPTIONS if not o.flag and o.key not in ("report", "error_log")]
+
+
+@_E2E
+@given(option=st.sampled_from(_VALUED), value=_values.filter(lambda v: "\0" not in v),
+       ini=st.booleans())
+def test_any_option_value_through_pytest(
+    pytester: pytest.Pytester, option: Any, value: str, ini: bool
+) -> None:
+    pytester.makepyfile(test_x="import pytest\n\n"
+                               "@pytest.mark.llm_load(requests=3)\ndef test_x(llm):\n    pass\n")
+    arg = ["-o", f"{option.dest}={value}"] if ini else [f"{option.cli}={value}"]
+    result = pytester.runpytest("-p", "no:cacheprovider", "--collect-only", "-q", *arg)
+    _assert_value_or_usage_error(result, option.dest if ini else option.cli)
+
+
+#: Marker values as Python source: numbers, text, lists, None, booleans, nonsense.
+_literals = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-10**6, max_value=10**6),
+    st.floats(allow_nan=True, allow_infinity=True), _values,
+    st.lists(st.one_of(st.integers(), _values), max_size=3),
+).map(repr)
+
+
+@_E2E
+@given(key=st.sampled_from([*LOAD_KEYS, "rate", "timout"]), source=_literals)
+def test_any_marker_value_through_pytest(pytester: pytest.Pytester, key: str, source: str) -> None:
+    pytester.makepyfile(test_x=f"import pytest\n\n@pytest.mark.llm_load({key}={source})\n"
+                               "def test_x(llm):\n    pass\n")
+    result = pytester.runpytest("-p", "no:cacheprovider", "--collect-only", "-q")
+    _assert_value_or_usage_error(result, "test_x.py::test_x: ")
+
+
+@pytest.mark.parametrize("value", ["", ".", "sub/", "/proc/no/such/folder/r.json"])
+@pytest.mark.parametrize("option", ["--llm-report", "--llm-error-log"])
+def test_an_output_file_that_cannot_be_written_is_a_usage_error_at_start(
+    pytester: pytest.Pytester, option: str, value: str
+) -> None:
+    pytester.makepyfile(test_x="def test_x():\n    pass\n")
+    result = pytester.runpytest("-p", "no:cacheprovider", f"{option}={value}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*{option}: expected the path of a file*"])
+    assert "Traceback" not in result.stderr.str()
+
+
+def test_a_tokenizer_that_cannot_load_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    """It parses (a Hub name), it cannot load offline: the run stops as for any bad value."""
+    pytester.makepyfile(test_x="def test_x(llm):\n    llm.stream('hi')\n")
+    result = pytester.runpytest("-p", "no:cacheprovider", "--llm-model", "mock",
+                                "--llm-tokenizer", "no-such-org/no-such-tokenizer")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stdout.fnmatch_lines(["*--llm-tokenizer: *no-such-org/no-such-tokenizer*"])
+    assert "Traceback" not in result.stdout.str()
