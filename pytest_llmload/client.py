@@ -214,6 +214,11 @@ class _Stream:
 
     def feed(self, data: bytes, t: int) -> None:
         """Consume bytes that arrived at ``t``; every complete line is handled now."""
+        # the usual read: exactly one event of one data line
+        if (not self.buf and data.find(b"\n") == len(data) - 2 and data.endswith(b"\n\n")
+                and data.startswith(b"data:")):
+            self._data(data[5:-2].strip(), t)
+            return
         buf = self.buf + data if self.buf else data
         find = buf.find
         on_data = self._data
