@@ -462,6 +462,31 @@ def test_the_no_decode_path_reads_exactly_what_a_full_decode_reads(
     assert _read(lines, fast=True) == _read(lines, fast=False)
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.one_of(plain_chunks(), chunks()), min_size=1, max_size=5),
+    st.sampled_from([b"\n", b"\r\n"]),
+    st.booleans(),
+    st.data(),
+)
+def test_reads_split_anywhere_give_what_whole_events_give(
+    objs: list[dict[str, Any]], eol: bytes, extras: bool, data: st.DataObject
+) -> None:
+    events = [b"data: " + json.dumps(o, separators=(",", ":")).encode() + eol + eol
+              for o in objs]
+    if extras:  # comments and other fields, which the reader skips
+        events.insert(1, b": keep-alive" + eol + eol)
+        events.insert(2, b"event: message" + eol + b"id: 7" + eol + b"data:[DONE]" + eol + eol)
+    whole = b"".join(events)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(whole)), max_size=8)))
+    pieces = [whole[a:b] for a, b in zip([0, *cuts], [*cuts, len(whole)])]
+    # every chunk instant is the read that completed it, so compare with the stamps removed
+    split = _read([p for p in pieces if p], fast=True)
+    by_event = _read(events, fast=True)
+    assert (split[0], *split[2:]) == (by_event[0], *by_event[2:])
+    assert len(split[1]) == len(by_event[1])
+
+
 def test_the_no_decode_path_takes_the_plain_content_chunk() -> None:
     """The speed claim rests on this: the commonest chunk never reaches json.loads."""
     payload = (b'{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":'
