@@ -252,11 +252,11 @@ def test_each_gates_all_failed_and_writes_one_error_log(
 TWO_LOAD_TESTS = """
 import pytest
 
-@pytest.mark.llm_load(requests=20, rps=10, max_tokens=8)
+@pytest.mark.llm_load(requests=30, rps=10, max_tokens=8)
 def test_one(llm):
     assert llm.stream("Tell me a story.").text
 
-@pytest.mark.llm_load(requests=20, rps=10, max_tokens=8, slo=["ttft.p99<1us"])
+@pytest.mark.llm_load(requests=30, rps=10, max_tokens=8, slo=["ttft.p99<1us"])
 def test_two(llm):
     assert llm.stream("Tell me a story.").text
 """
@@ -280,7 +280,7 @@ def test_load_mode_runs_whole_tests_and_says_they_interfere(pytester: pytest.Pyt
     tests = _report(pytester.path / "report.json")
     assert set(tests) == {"test_two.py::test_one", "test_two.py::test_two"}
     for entry in tests.values():
-        assert len(entry["records"]) == 20  # the whole load, not a share
+        assert len(entry["records"]) == 30  # the whole load, not a share
         assert len(entry["workers"]) == 1
 
 
