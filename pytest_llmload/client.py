@@ -3,8 +3,9 @@
 Two transports (DESIGN.md, "Transports"):
 
 - ``sse``: a lean aiohttp reader for OpenAI-compatible endpoints. It timestamps every read as its
-  bytes arrive, before any parsing, and does per chunk only what it must (split SSE lines, decode
-  JSON, look at the delta). Token counting happens once per request, after the stream ends.
+  bytes arrive, before any parsing, and does per chunk only what it must (split SSE lines, read
+  the content delta; JSON is decoded only for unusual chunks). Token counting happens once per
+  request, after the stream ends.
 - ``litellm``: ``litellm.acompletion(stream=True)`` for providers that don't speak the OpenAI wire
   format. Imported only when such a request is made, with its offline switch and no retries.
 """
@@ -634,21 +635,18 @@ class LLMClient:
                 self._fail(record, f"http_{resp.status}", _http_message(resp.status, err_body))
                 raise _RequestFailed
             content = resp.content
-            clock = time.perf_counter_ns
-            feed = stream.feed
             conn = resp.connection
             proto: Any = conn.protocol if conn is not None else None
-            stamped = proto if getattr(proto, "rx_ns", None) is not None else None
-            while True:
-                data = await content.readany()
-                # when the bytes reached this process, not when this task's turn came
-                t = stamped.rx_ns if stamped is not None else clock()
-                if not data:
-                    break
-                feed(data, t)
-                if stream.done:
-                    break
-            record.end_ns = clock()
+            if getattr(proto, "on_read", False) is None:  # our connection protocol, idle
+                await _follow(proto, content, stream)
+            else:  # aiohttp's own: each read stamped when this task gets it
+                clock = time.perf_counter_ns
+                feed = stream.feed
+                while data := await content.readany():
+                    feed(data, clock())
+                    if stream.done:
+                        break
+            record.end_ns = time.perf_counter_ns()
             if stream.done and not content.at_eof():
                 await _drain_body(content)
         stream.end(record.end_ns)
@@ -760,12 +758,47 @@ async def _drain_body(content: Any) -> None:
         await asyncio.wait_for(drain(), _DRAIN_S)
 
 
+async def _follow(proto: Any, content: Any, stream: _Stream) -> None:
+    """Read the stream inside the connection's ``data_received``: each chunk is stamped and
+    parsed as its bytes arrive, with no task wake-up, future or coroutine resumption per chunk
+    (a tenth of the reader's CPU). Returns at [DONE] or the body's end; raises what reading the
+    body would have raised (the same exception objects, so failures classify the same)."""
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    feed = stream.feed
+    reading = False
+
+    def on_read(t: int) -> None:
+        # taking data from the buffer can resume aiohttp's parser, which calls back in here:
+        # ignored, the loop below picks up whatever that produced
+        nonlocal reading
+        if reading or done.done():
+            return
+        reading = True
+        try:
+            while not stream.done and (data := content.read_nowait()):
+                feed(data, t)
+            if stream.done or content.at_eof():
+                done.set_result(None)
+        except Exception as exc:  # noqa: BLE001 - handed to the request's task, never to aiohttp
+            done.set_exception(exc)
+        finally:
+            reading = False
+
+    proto.on_read = on_read
+    try:
+        on_read(proto.rx_ns)  # what came with the headers
+        await done
+    finally:
+        proto.on_read = None
+
+
 _STAMPING_HANDLER: Any = None
 
 
 def _stamp_arrivals(connector: Any) -> None:
     """Make the connector's connections note when bytes arrive (``rx_ns``, taken in
-    ``data_received`` before aiohttp parses them), so a chunk's instant excludes the wait for the
+    ``data_received`` before aiohttp parses them) and hand them to the request's reader right
+    there (``on_read``, see :func:`_follow`), so a chunk's instant excludes the wait for the
     reading task's turn: with hundreds of streams ready at once, that wait is the client's own
     backlog, not the server's latency. aiohttp has no public hook for its protocol class; if its
     internals differ, nothing changes and chunks are stamped when the task reads them."""
@@ -778,14 +811,25 @@ def _stamp_arrivals(connector: Any) -> None:
     if _STAMPING_HANDLER is None:
         clock = time.perf_counter_ns
         received = ResponseHandler.data_received
+        lost = ResponseHandler.connection_lost
 
         class _StampingHandler(ResponseHandler):
             rx_ns = 0
+            on_read: Callable[[int], None] | None = None
 
             def data_received(self, data: bytes) -> None:
-                if data:
-                    self.rx_ns = clock()
+                if not data:  # aiohttp resuming its own parser: nothing arrived
+                    received(self, data)
+                    return
+                self.rx_ns = t = clock()
                 received(self, data)
+                if self.on_read is not None:
+                    self.on_read(t)
+
+            def connection_lost(self, exc: BaseException | None) -> None:
+                lost(self, exc)
+                if self.on_read is not None:
+                    self.on_read(clock())
 
         _STAMPING_HANDLER = _StampingHandler
     connector._factory = functools.partial(_STAMPING_HANDLER, *factory.args, **factory.keywords)
