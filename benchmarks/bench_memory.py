@@ -2,14 +2,15 @@
 
     python benchmarks/bench_memory.py [--requests 10000] [--rps 2000] [--concurrency 64]
 
-Runs pytest twice in fresh processes, each with one ``llm_load`` test against the mock
-(``ttft=1ms,itl=1ms,tokens=8``) and a JSON report: once with the requests asked for, once with
-10 of them as the reference (the interpreter, pytest, the plugin, numpy and aiohttp loaded and
-used the same way). Prints each process's peak resident set (``ru_maxrss``, read at the very end
-of the session, after the report is written), the difference, the difference per request, and the
-mock server's own peak (its separate process, not counted above). What grows with the count is
-the per-request records (chunk timestamps as ``array('q')``) and the report; the loop, the
-connections and the body threads are bounded by the concurrency.
+Runs pytest three times in fresh processes, each with one ``llm_load`` test (an async body)
+against the mock (``ttft=1ms,itl=1ms,tokens=8``): the requests asked for with a JSON report, the
+same without one, and 10 requests with a report as the reference (the interpreter, pytest, the
+plugin, numpy and aiohttp loaded and used the same way). Prints each process's peak resident set
+(the kernel's high-water mark ``VmHWM``, read at the very end of the session, after the report is
+written), the mock server's own peak (its separate process, not counted in the client's), and
+the growth over the reference per request. What grows with the count is the per-request records
+(chunk timestamps as ``array('q')``) and, while it is written, the JSON report; the loop, the
+connections and the tasks are bounded by the concurrency.
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ def _vm_hwm(pid):
 
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
-    # after every other plugin's sessionfinish: the JSON report is written by now
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    # after every other plugin's sessionfinish: the JSON report is written by now. VmHWM, not
+    # ru_maxrss: Linux carries ru_maxrss across exec, so a forked child starts at its parent's
+    peak_kb = _vm_hwm(os.getpid()) or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with open(os.environ["LLMLOAD_MEMORY_OUT"], "w") as fh:
         json.dump({"peak_kb": peak_kb, "mock_peak_kb": _mock.get("peak_kb")}, fh)
 """
