@@ -338,7 +338,7 @@ import pytest
 CYCLE = {faults!r} + [None] * 4
 _turn = itertools.count()
 
-@pytest.mark.llm_load(requests=32, rps=400, concurrency=8, timeout={timeout!r},
+@pytest.mark.llm_load(requests=32, {rate}concurrency=8, timeout={timeout!r},
                       slo=["error_rate<1%"])
 def test_faults(llm):
     fault = CYCLE[next(_turn) % len(CYCLE)]
@@ -354,16 +354,6 @@ async def test_nothing_left_behind(llm):
         await asyncio.sleep(0.02)
 '''
 
-LITELLM_CONFTEST = '''
-import pytest
-from pytest_llmload.client import Endpoint
-
-@pytest.fixture(scope="session")
-def llm_endpoint():
-    return Endpoint("openai/mock", {base!r}, "sk-test-key", transport="litellm")
-'''
-
-
 @pytest.fixture
 def fresh_mock() -> Iterator[MockServer]:
     """A mock no other test has connected to (litellm keeps connections of its own)."""
@@ -371,17 +361,18 @@ def fresh_mock() -> Iterator[MockServer]:
         yield server
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize(("transport", "loop"),
+                         [("sse", "open"), ("sse", "closed"), ("litellm", "open")])
 def test_faulty_load_goes_on_counts_every_failure_and_stays_within_its_bounds(
-    pytester: pytest.Pytester, fresh_mock: MockServer, transport: str
+    pytester: pytest.Pytester, fresh_mock: MockServer, transport: str, loop: str
 ) -> None:
     mock = fresh_mock
     # a looser timeout than TIMEOUT: eight streams at once through litellm on a busy machine
-    pytester.makepyfile(test_faults=MIXED_BODY.format(faults=list(FAULTS), timeout=LOAD_TIMEOUT))
-    if transport == "litellm":
-        pytester.makeconftest(LITELLM_CONFTEST.format(base=mock.base_url))
+    pytester.makepyfile(test_faults=MIXED_BODY.format(
+        faults=list(FAULTS), timeout=LOAD_TIMEOUT, rate="rps=400, " if loop == "open" else ""))
     result = pytester.runpytest(
         "-p", "no:cacheprovider", "--llm-model", "openai/mock", "--llm-api-base", mock.base_url,
+        "--llm-transport", transport, "--llm-api-key", "sk-test",
         "--llm-report=report.json", "--llm-error-log=errors.log",
     )
     expected: dict[str, int] = {}
