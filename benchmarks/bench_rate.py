@@ -1,6 +1,6 @@
 """The highest open-loop rate one pytest process holds, and what two xdist workers hold.
 
-    .venv/bin/python benchmarks/bench_rate.py            # about 2-3 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_rate.py            # 1-3 minutes (--budget caps it)
 
 A load test with an async body (``await llm.astream(...)``) runs against the embedded mock (its
 own process; ``ttft=50ms,itl=5ms,tokens=20``) at a Poisson rate, ``--repeat`` times in one pytest
@@ -14,8 +14,11 @@ Reference, measured in the same run: the lag p99 of the engine alone (``run_load
 do nothing, same rate and arrivals, in this process), i.e. what the asyncio timer and the schedule
 cost before any HTTP. The mock's own request log gives the rate the server actually saw.
 
-Figures depend on the machine and on what else runs on it: the load average is printed with them.
-``--json PATH`` keeps every step.
+Figures depend on the machine and on what else runs on it: the load average is printed with them,
+and the mock's CPU per step shows whether the server, rather than the client, was the limit. Two
+workers and the mock are three busy processes: on fewer than three cores they compete, and two
+workers need not hold more than one. ``--limit-ms 1000 --repeat 1 --bisect 0`` turns the search
+into a plain sweep of the lag against the rate. ``--json PATH`` keeps every step.
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ class Step:
     seconds: float
     lag_p99_each_ms: list[float | None]
     """Lag p99 of each repetition; ``lag_p99_ms`` is their median."""
+    mock_cpu: float | None
+    """The mock's CPU time over the loads' measured windows (1.0 = one core busy); None off
+    Linux."""
 
     def held(self, limit_ms: float) -> bool:
         return self.failed == 0 and self.lag_p99_ms is not None and self.lag_p99_ms <= limit_ms
@@ -83,12 +89,21 @@ def _server_rate(mock: MockServer, runs: int) -> float | None:
     return (len(last) - 1) / ((last[-1] - last[0]) / 1e9)
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_step(mock: MockServer, workdir: Path, mode: str, rps: float, seconds: float) -> Step:
     requests = max(MIN_REQUESTS, round(rps * seconds))
     report = workdir / "report.json"
     report.unlink(missing_ok=True)
     xdist = ["-n", mode, "--dist", "each"] if mode != "1" else []
     mock.reset()
+    cpu0 = _cpu_seconds(mock.pid)
     t0 = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "test_rate.py", *xdist,
@@ -98,6 +113,7 @@ def run_step(mock: MockServer, workdir: Path, mode: str, rps: float, seconds: fl
         cwd=workdir, capture_output=True, text=True, timeout=seconds * 3 + 120, check=False,
     )
     took = time.monotonic() - t0
+    cpu1 = _cpu_seconds(mock.pid)
     if not report.exists():
         raise SystemExit(f"the run at {rps:g} req/s wrote no report:\n{proc.stdout}\n{proc.stderr}")
     entries = json.loads(report.read_text())["tests"]
@@ -109,6 +125,7 @@ def run_step(mock: MockServer, workdir: Path, mode: str, rps: float, seconds: fl
     p99s = [ms(e["schedule_lag"]["p99"]) for e in entries]
     ranked = sorted(range(len(entries)), key=lambda i: p99s[i] or float("inf"))
     entry = entries[ranked[len(ranked) // 2]]
+    busy = sum(e["duration_s"] for e in entries) or took
     return Step(
         mode=mode, rps=rps, requests=requests, lag_p50_ms=ms(entry["schedule_lag"]["p50"]),
         lag_p99_ms=ms(entry["schedule_lag"]["p99"]),
@@ -116,6 +133,7 @@ def run_step(mock: MockServer, workdir: Path, mode: str, rps: float, seconds: fl
         server_rps=_server_rate(mock, len(entries)), failed=sum(
             e["requests"]["failed"] for e in entries),
         workers=entry["workers"], seconds=took, lag_p99_each_ms=p99s,
+        mock_cpu=None if cpu0 is None or cpu1 is None else (cpu1 - cpu0) / busy,
     )
 
 
@@ -165,7 +183,8 @@ def find_rate(mock: MockServer, workdir: Path, mode: str, args: argparse.Namespa
 
 
 HEADER = (f"{'workers':>7} {'rate':>6} {'reqs':>6} {'lag p50':>8} {'lag p99':>8} "
-          f"{'achieved':>9} {'server saw':>10} {'failed':>6}  held lag p99 of each run")
+          f"{'achieved':>9} {'server saw':>10} {'mock cpu':>8} {'failed':>6}  held "
+          "lag p99 of each run")
 
 
 def _fmt(v: float | None, digits: int = 2) -> str:
@@ -176,7 +195,7 @@ def _row(s: Step, limit_ms: float) -> str:
     each = "/".join(_fmt(v, 1) for v in s.lag_p99_each_ms)
     return (f"{s.mode:>7} {s.rps:>6g} {s.requests:>6} {_fmt(s.lag_p50_ms):>8} "
             f"{_fmt(s.lag_p99_ms):>8} {_fmt(s.achieved_rps, 1):>9} {_fmt(s.server_rps, 1):>10} "
-            f"{s.failed:>6}  {'yes' if s.held(limit_ms) else 'no':<4} {each}")
+            f"{_fmt(s.mock_cpu):>8} {s.failed:>6}  {'yes' if s.held(limit_ms) else 'no':<4} {each}")
 
 
 def main(argv: list[str] | None = None) -> int:
