@@ -125,11 +125,12 @@ def one_request(
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _litellm_imported() -> None:
-    """litellm takes seconds to import and set up on first use: pay it once, untimed."""
-    from pytest_llmload.client import import_litellm
-
-    import_litellm()
+def _litellm_warm(mock: MockServer) -> None:
+    """litellm takes seconds to import and to set up its first request (synchronously, on the
+    loop): pay it once, outside any test's timeout, as the plugin's warm-up request does."""
+    endpoint = Endpoint("openai/mock", mock.base_url, "sk-unused", transport="litellm")
+    record, error, _ = one_request(endpoint, timeout=60.0)
+    assert error is None, record.error
 
 
 # -- every fault is one failed request with a stable type and the server's message -------------
