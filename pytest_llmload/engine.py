@@ -98,20 +98,39 @@ class LoadPlan:
     worker_index: int = 0
     worker_count: int = 1
 
+    @property
+    def participants(self) -> int:
+        """How many workers take part: never more than the concurrency cap (or the batch size),
+        so that every taking part holds at least one slot and the shares add up exactly."""
+        n = self.worker_count
+        if self.concurrency is not None:
+            n = min(n, self.concurrency)
+        if self.arrival.kind == "batch" and self.rps is not None:
+            n = min(n, max(1, math.ceil(self.rps)))
+        return max(1, n)
+
+    @property
+    def active(self) -> bool:
+        return self.worker_index < self.participants
+
     def share(self, total: int) -> int:
         """This worker's exact share of ``total`` (the shares of all workers sum to it)."""
-        base, extra = divmod(total, self.worker_count)
+        if not self.active:
+            return 0
+        base, extra = divmod(total, self.participants)
         return base + (1 if self.worker_index < extra else 0)
 
     @property
     def my_requests(self) -> int | None:
-        return None if self.requests is None else self.share(self.requests)
+        if self.requests is None:
+            return None if self.active else 0
+        return self.share(self.requests)
 
     @property
     def my_concurrency(self) -> int | None:
         if self.concurrency is None:
             return None
-        return max(1, self.share(self.concurrency))
+        return self.share(self.concurrency)
 
 
 @dataclass(frozen=True)
@@ -276,6 +295,8 @@ async def _dispatch(
     start_ns: int,
 ) -> str | None:
     """Issue the schedule. Returns STOP_DURATION if the duration cut it short, else None."""
+    if not plan.active:
+        return None  # more workers than slots: this one sits the test out
     total = plan.my_requests
     end_ns = None if plan.duration is None else start_ns + int(plan.duration * 1e9)
     cap = plan.my_concurrency
@@ -296,7 +317,7 @@ async def _dispatch(
     for index, offset in enumerate(times):
         if total is not None and issued >= total:
             return None
-        if index % plan.worker_count != plan.worker_index:
+        if index % plan.participants != plan.worker_index:
             continue
         target = start_ns + int(offset * 1e9)
         if end_ns is not None and target >= end_ns:
@@ -317,7 +338,7 @@ async def _closed_loop(
     total: int | None,
     cap: int | None,
 ) -> str | None:
-    counter = iter(range(plan.worker_index, 1 << 62, plan.worker_count))
+    counter = iter(range(plan.worker_index, 1 << 62, plan.participants))
     issued = 0
     stopped: str | None = None
 
@@ -333,9 +354,7 @@ async def _closed_loop(
 
     if plan.arrival.kind == "batch" and plan.rps is not None:
         # The seed script's "requests per second": bursts of R that wait for their slowest request.
-        size = max(1, math.ceil(plan.rps / plan.worker_count)) if plan.worker_count > 1 else max(
-            1, math.ceil(plan.rps)
-        )
+        size = plan.share(max(1, math.ceil(plan.rps)))
         if cap is not None:
             size = min(size, cap)
         while True:

@@ -264,3 +264,36 @@ def test_loop_thread_runs_coroutines_and_refuses_reentry() -> None:
             lt.run(reenter())
     finally:
         lt.close()
+
+
+@pytest.mark.parametrize(
+    "rps, concurrency, arrival",
+    [(None, 1, Arrival()), (None, 2, Arrival()), (1000.0, 1, Arrival()), (2.0, None, Arrival("batch"))],
+)
+def test_more_workers_than_slots_keep_the_totals(
+    rps: float | None, concurrency: int | None, arrival: Arrival
+) -> None:
+    """With 3 workers and fewer slots (a cap of 1 or 2, a batch of 2), only as many workers as
+    there are slots take part: the cap and the count add up exactly, never more."""
+    workers = 3
+    seen: list[int] = []
+    peaks: list[int] = []
+    for w in range(workers):
+        cur = peak = 0
+
+        async def job(ctx: JobContext) -> None:
+            nonlocal cur, peak
+            cur += 1
+            peak = max(peak, cur)
+            seen.append(ctx.index)
+            await asyncio.sleep(0.005)
+            cur -= 1
+
+        plan = LoadPlan(requests=10, rps=rps, concurrency=concurrency, arrival=arrival,
+                        worker_index=w, worker_count=workers)
+        run(plan, job)
+        peaks.append(peak)
+        assert plan.my_requests == (0 if not plan.active else plan.my_requests)
+    assert sorted(seen) == list(range(10))
+    slots = concurrency if concurrency is not None else 2
+    assert sum(peaks) <= slots
