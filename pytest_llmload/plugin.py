@@ -101,8 +101,7 @@ OPTIONS = (
          "PATH"),
     _Opt("error_log", "write one line per failed request.", "PATH"),
     _Opt("include_image", "attach a locally generated 1024x512 PNG to each request (made "
-         "before the schedule starts, new pixels every run).",
-         flag=True),
+         "before the schedule starts, new pixels every run).", flag=True),
     _Opt("randomize_image_dimensions", "attach images with a random height from 100 to 1024, "
          "repeating with --llm-seed; implies --llm-include-image unless include_image is false "
          "at the same or a higher level (marker over CLI over ini).", flag=True),
