@@ -15,7 +15,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -326,21 +326,39 @@ def write_json_report(
     """Write ``{"version": 1, "interrupted": ..., "config": ..., "tests": [...]}`` to ``path``
     atomically (a temporary file in the same directory, then ``os.replace``), redacted.
     Creates missing parent folders. ``interrupted``: the run was cut short (Ctrl-C)."""
-    doc = {
-        "version": REPORT_VERSION,
-        "interrupted": interrupted,
-        "config": dict(config),
-        "tests": list(tests),
-    }
-    # through JSON once so that tuples, numpy values and NaN are normalised before redaction
-    plain = _finite(json.loads(json.dumps(doc, default=_json_default)))
-    text = json.dumps(redact(plain, secrets), indent=1, allow_nan=False) + "\n"
+    secrets = list(secrets)
+
+    def encode(obj: Any) -> str:
+        # through JSON once so that tuples, numpy values and NaN are normalised before redaction
+        plain = _finite(json.loads(json.dumps(obj, default=_json_default)))
+        return json.dumps(redact(plain, secrets), allow_nan=False)
+
+    def chunks() -> Iterator[str]:
+        """The document piece by piece, one record at a time: a report of 10,000 requests never
+        exists as a whole in memory (nor its normalised and redacted copies)."""
+        yield (f'{{"version": {REPORT_VERSION}, "interrupted": {json.dumps(bool(interrupted))}, '
+               f'"config": {encode(dict(config))},\n"tests": [')
+        for i, test in enumerate(tests):
+            head = dict(test)
+            records = head.pop("records", None)
+            text = encode(head)
+            yield ",\n" if i else "\n"
+            if records is None:
+                yield text
+                continue
+            yield text[:-1] + (', "records": [' if head else '"records": [')
+            for j, rec in enumerate(records):
+                yield (",\n  " if j else "\n  ") + encode(rec)
+            yield "]}"
+        yield "\n]}\n"
+
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+            for chunk in chunks():
+                fh.write(chunk)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
