@@ -146,7 +146,17 @@ def child_main(kind: str, base_url: str, n: int, cpu: int | None) -> None:
         coro = _child_engine(base_url, n, "litellm", "gather")
     else:
         raise SystemExit(f"unknown client {kind!r}")
-    out = asyncio.run(coro)
+    if kind == "reference":
+        out = asyncio.run(coro)
+    else:
+        # the engine runs on the plugin's own loop (the one LoopThread makes)
+        from pytest_llmload.engine import new_event_loop
+
+        loop = new_event_loop()
+        try:
+            out = loop.run_until_complete(coro)
+        finally:
+            loop.close()
     sys.stdout.write(json.dumps(out))
 
 

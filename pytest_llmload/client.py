@@ -821,7 +821,10 @@ def _stamp_arrivals(connector: Any) -> None:
                 if not data:  # aiohttp resuming its own parser: nothing arrived
                     received(self, data)
                     return
-                self.rx_ns = t = clock()
+                # the instant the loop's poll returned, on the load loop (engine.new_event_loop):
+                # these bytes had arrived by then; elsewhere, now
+                poll_ns = getattr(getattr(self._loop, "_selector", None), "poll_ns", 0)
+                self.rx_ns = t = poll_ns or clock()
                 received(self, data)
                 if self.on_read is not None:
                     self.on_read(t)

@@ -11,6 +11,7 @@ import asyncio
 import math
 import random
 import re
+import selectors
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
@@ -378,12 +379,33 @@ async def _closed_loop(
     return stopped
 
 
+class _StampingSelector(selectors.DefaultSelector):
+    """Notes the instant each poll returns. Every byte read in that loop iteration had arrived by
+    then, so a chunk stamped with it excludes the time the loop spent on the sockets served
+    before its own in the same iteration: with hundreds of streams ready at once, that queue is
+    the client's backlog, not the server's latency."""
+
+    poll_ns = 0
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        events = super().select(timeout)
+        self.poll_ns = time.perf_counter_ns()
+        return events
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """The load loop: an ordinary selector event loop whose selector notes when each poll returned
+    (``loop._selector.poll_ns``), which the lean transport uses as the arrival instant of what it
+    reads. Elsewhere the transport stamps reads with the clock when it gets them."""
+    return asyncio.SelectorEventLoop(_StampingSelector())
+
+
 class LoopThread:
     """An asyncio event loop on a daemon thread: the session's one loop, so connections are reused
     across tests, and sync code (test bodies, fixtures) can hand it coroutines."""
 
     def __init__(self, name: str = "llmload-loop") -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
 

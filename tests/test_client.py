@@ -55,8 +55,10 @@ def make_client(mock: MockServer, sink: list[RequestRecord], **kwargs: Any) -> L
 
 
 def stream(mock: MockServer, n: int = 1, *, tokenizer: Tokenizer | None = None,
+           load_loop: bool = False,
            **kwargs: Any) -> tuple[list[StreamResult], list[RequestRecord]]:
-    """``n`` concurrent requests through a fresh client (its warm-up included)."""
+    """``n`` concurrent requests through a fresh client (its warm-up included); on the plugin's
+    load loop (``engine.new_event_loop``) if ``load_loop``, else on asyncio's default loop."""
     sink: list[RequestRecord] = []
 
     async def go() -> list[StreamResult]:
@@ -67,7 +69,15 @@ def stream(mock: MockServer, n: int = 1, *, tokenizer: Tokenizer | None = None,
         finally:
             await client.aclose()
 
-    return asyncio.run(go()), sink
+    if not load_loop:
+        return asyncio.run(go()), sink
+    from pytest_llmload.engine import new_event_loop
+
+    loop = new_event_loop()
+    try:
+        return loop.run_until_complete(go()), sink
+    finally:
+        loop.close()
 
 
 def spec_header(spec: str) -> dict[str, Any]:
@@ -77,13 +87,15 @@ def spec_header(spec: str) -> dict[str, Any]:
 # -- timing against the server's send instants --------------------------------------------------
 
 
-@pytest.mark.parametrize("reader", ["in data_received", "task reads (fallback)"])
+@pytest.mark.parametrize(
+    "reader", ["load loop (poll instant)", "in data_received", "task reads (fallback)"]
+)
 def test_ttft_and_itl_match_the_mock_send_timestamps_at_8_streams(
     mock: MockServer, monkeypatch: pytest.MonkeyPatch, reader: str
 ) -> None:
     if reader.startswith("task"):  # as if aiohttp's internals had changed: the readany loop
         monkeypatch.setattr(client_module, "_stamp_arrivals", lambda connector: None)
-    _, sink = stream(mock, 8)
+    _, sink = stream(mock, 8, load_loop=reader.startswith("load"))
     assert len(sink) == 8 and all(r.ok for r in sink)
     log = server_log(mock)
     ttft_err: list[float] = []
@@ -106,6 +118,39 @@ def test_ttft_and_itl_match_the_mock_send_timestamps_at_8_streams(
     assert statistics.fmean(abs(e) for e in itl_err) < 0.002
     # and the figures are the server's, not a constant: jitter shows through
     assert statistics.pstdev(x for r in sink for x in r.itl()) > 0.0002
+
+
+def test_the_load_loop_notes_each_poll_and_the_reader_stamps_with_it(mock: MockServer) -> None:
+    """On the load loop a chunk's instant is when the poll that found its bytes returned: never
+    before the server sent it (checked above), and shared by every read of that iteration."""
+    from pytest_llmload.engine import LoopThread
+
+    polls: list[int] = []
+    lt = LoopThread()
+    try:
+        selector = lt.loop._selector  # type: ignore[attr-defined]
+        select = selector.select
+
+        def noting(timeout: float | None = None) -> Any:
+            events = select(timeout)
+            polls.append(selector.poll_ns)
+            return events
+
+        selector.select = noting
+        sink: list[RequestRecord] = []
+
+        async def go() -> None:
+            client = make_client(mock, sink)
+            try:
+                await asyncio.gather(*(client.astream(PROMPT) for _ in range(4)))
+            finally:
+                await client.aclose()
+
+        lt.run(go(), timeout=30)
+    finally:
+        lt.close()
+    stamps = {t for r in sink for t in r.chunk_ns}
+    assert stamps and stamps <= set(polls)
 
 
 def test_arrival_is_stamped_by_the_connection_not_the_reading_task(mock: MockServer) -> None:
