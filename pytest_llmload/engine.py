@@ -8,6 +8,7 @@ still in flight when it stops is cancelled and awaited, so no task outlives ``ru
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import re
@@ -187,7 +188,7 @@ class _Tracker:
             ok = True
         except asyncio.TimeoutError:
             self._error(f"job {ctx.index} exceeded its bound of {timeout:g} s")
-        except Exception as exc:  # a job must never take the load down with it
+        except Exception as exc:  # noqa: BLE001 - a job must never take the load down with it
             self._error(f"job {ctx.index}: {type(exc).__name__}: {exc}")
         finally:
             self.in_flight -= 1
@@ -445,10 +446,9 @@ class LoopThread:
                 t.cancel()
             await asyncio.gather(*rest, return_exceptions=True)
 
-        try:
+        # a task that will not finish in time must not keep the session from ending
+        with contextlib.suppress(Exception):
             self.submit(_shutdown()).result(5)
-        except Exception:
-            pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
         if not self.loop.is_running():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import statistics
 import time
 
@@ -50,7 +51,7 @@ def test_constant_spacing() -> None:
 @pytest.mark.parametrize("arrival", [Arrival("poisson"), Arrival("gamma", 1.0), Arrival("gamma", 0.25)])
 def test_random_arrivals_mean_rate_and_seed(arrival: Arrival) -> None:
     a = take(arrival_times(arrival, 10.0, seed=7), 20001)
-    gaps = [y - x for x, y in zip(a, a[1:])]
+    gaps = [y - x for x, y in itertools.pairwise(a)]
     assert statistics.fmean(gaps) == pytest.approx(0.1, rel=0.05)
     # burstiness b gives gap CV^2 = 1/b: 1 for poisson, 4 for gamma:0.25
     cv2 = statistics.pvariance(gaps) / statistics.fmean(gaps) ** 2
@@ -77,7 +78,7 @@ def test_open_loop_count_and_timing() -> None:
     assert [c.index for c in seen] == list(range(20))
     intended = [c.intended_start_ns for c in seen]
     assert all(i is not None for i in intended)
-    gaps = [(b - a) / 1e9 for a, b in zip(intended, intended[1:])]  # type: ignore[operator]
+    gaps = [(b - a) / 1e9 for a, b in itertools.pairwise(intended)]  # type: ignore[operator]
     assert gaps == pytest.approx([0.02] * 19, abs=1e-6)
     lags = [(s - i) / 1e6 for s, i in zip(sent, intended)]  # type: ignore[operator]
     assert max(lags) < 20, lags  # ms; loose: this machine is noisy
