@@ -113,10 +113,6 @@ OPTIONS = (
          "compare the two). Default: 'auto'.", "KIND"),
 )
 _OPT = {o.key: o for o in OPTIONS}
-LOAD_OPTION_KEYS = (
-    "requests", "rps", "concurrency", "arrival", "duration", "warmup", "timeout", "max_tokens",
-    "slo", "seed", "include_image", "randomize_image_dimensions",
-)
 
 
 def _usage(key: str) -> Callable[[str], str]:

@@ -467,6 +467,42 @@ def _cut_at_bound(records: Sequence[RequestRecord], bound: float) -> None:
             rec.error = f"cancelled when the load test reached its bound of {bound:.3g} s"
 
 
+def build_result(
+    nodeid: str,
+    records: list[RequestRecord],
+    settings: LoadSettings | None,
+    outcome: LoadOutcome | None,
+    *,
+    transport: str,
+    load: bool,
+    worker: str | None = None,
+    interrupted: bool = False,
+) -> LoadResult:
+    """Summarise ``records`` and check the test's SLOs on them: a worker's own test, or the
+    controller's merge of every worker's share."""
+    from .metrics import summarize
+    from .slo import evaluate
+
+    slos = settings.slo if settings is not None else ()
+    summary = summarize(records, slos=slos)
+    origin = outcome.start_ns if outcome is not None else (
+        min((r.start_ns for r in records), default=0)
+    )
+    return LoadResult(
+        nodeid=nodeid,
+        records=records,
+        origin_ns=origin,
+        settings=settings,
+        outcome=outcome,
+        summary=summary,
+        slo_results=evaluate(slos, summary) if slos else [],
+        transport=transport,
+        load=load,
+        worker=worker,
+        interrupted=interrupted,
+    )
+
+
 def summarize_test(
     nodeid: str,
     llm: LLM,
@@ -475,29 +511,12 @@ def summarize_test(
     *,
     worker: str | None = None,
 ) -> LoadResult:
-    from .metrics import summarize
-    from .slo import evaluate
-
     records = list(llm.records)
-    slos = settings.slo if settings is not None else ()
-    summary = summarize(records, slos=slos)
-    results = evaluate(slos, summary) if slos else []
-    origin = outcome.start_ns if outcome is not None else (
-        min((r.start_ns for r in records), default=0)
-    )
     transports = sorted({r.transport for r in records if r.transport})
-    return LoadResult(
-        nodeid=nodeid,
-        records=records,
-        origin_ns=origin,
-        settings=settings,
-        outcome=outcome,
-        summary=summary,
-        slo_results=results,
+    return build_result(
+        nodeid, records, settings, outcome,
         transport=", ".join(transports) or llm._runner.client.transport,
-        load=settings is not None,
-        worker=worker,
-        interrupted=llm.interrupted,
+        load=settings is not None, worker=worker, interrupted=llm.interrupted,
     )
 
 

@@ -242,10 +242,8 @@ def merge_payloads(nodeid: str, payloads: Sequence[dict[str, Any]], *, same_cloc
     figure computed again over the merged records. ``same_clock``: the workers share
     ``perf_counter_ns`` (one machine); else records are placed on the wall clock."""
     from .engine import LoadOutcome
-    from .metrics import summarize
     from .records import NS, RequestRecord
-    from .session import LoadResult
-    from .slo import evaluate
+    from .session import build_result
 
     records: list[RequestRecord] = []
     outcomes: list[LoadOutcome] = []
@@ -283,22 +281,8 @@ def merge_payloads(nodeid: str, payloads: Sequence[dict[str, Any]], *, same_cloc
             stopped_reason=next((r for r in _STOP_PRIORITY if r in reasons), None),
             errors=[e for o in outcomes for e in o.errors][:5],
         )
-    slos = settings.slo if settings is not None else ()
-    summary = summarize(records, slos=slos)
-    if outcome is not None:
-        origin = outcome.start_ns
-    else:
-        origin = min((r.start_ns for r in records), default=0)
-    return LoadResult(
-        nodeid=nodeid,
-        records=records,
-        origin_ns=origin,
-        settings=settings,
-        outcome=outcome,
-        summary=summary,
-        slo_results=evaluate(slos, summary) if slos else [],
-        transport=", ".join(transports),
-        load=load,
+    return build_result(
+        nodeid, records, settings, outcome, transport=", ".join(transports), load=load,
         worker=str(payloads[0]["worker"]) if len(payloads) == 1 else None,
     )
 
