@@ -218,36 +218,31 @@ def parse_duration(value: object, option: str = "--llm-duration") -> float:
     return seconds
 
 
+def _whole(value: object, option: str, expected: str, minimum: int | None) -> int:
+    number = _to_int(value)
+    if number is None or (minimum is not None and number < minimum):
+        raise _error(option, expected, value)
+    return number
+
+
 def parse_count(value: object, option: str = "--llm-requests") -> int:
     """A positive whole number (requests, max_tokens)."""
-    number = _to_int(value)
-    if number is None or number <= 0:
-        raise _error(option, EXPECT_COUNT, value)
-    return number
+    return _whole(value, option, EXPECT_COUNT, 1)
 
 
 def parse_nonneg_int(value: object, option: str = "--llm-warmup") -> int:
     """A whole number, 0 or more (warm-up requests)."""
-    number = _to_int(value)
-    if number is None or number < 0:
-        raise _error(option, EXPECT_NONNEG_INT, value)
-    return number
+    return _whole(value, option, EXPECT_NONNEG_INT, 0)
 
 
 def parse_concurrency(value: object, option: str = "--llm-concurrency") -> int:
     """A positive whole number: the cap on requests in flight (the size of a closed loop)."""
-    number = _to_int(value)
-    if number is None or number <= 0:
-        raise _error(option, EXPECT_CONCURRENCY, value)
-    return number
+    return _whole(value, option, EXPECT_CONCURRENCY, 1)
 
 
 def parse_seed(value: object, option: str = "--llm-seed") -> int:
     """Any whole number, 0 and negatives included (the schedule's ``random.Random`` seed)."""
-    number = _to_int(value)
-    if number is None:
-        raise _error(option, EXPECT_SEED, value)
-    return number
+    return _whole(value, option, EXPECT_SEED, None)
 
 
 _NO_RATE = frozenset({"inf", "infinity", "none", "closed"})
