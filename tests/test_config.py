@@ -987,7 +987,8 @@ def test_delegate_names_our_option_whatever_the_parser_says() -> None:
 
 
 def test_parse_arrival_delegates_to_the_engine() -> None:
-    engine = pytest.importorskip("pytest_llmload.engine")
+    from pytest_llmload import engine
+
     assert parse_arrival("poisson") == engine.Arrival("poisson")
     assert parse_arrival("gamma:2") == engine.Arrival("gamma", 2.0)
     arrival = engine.Arrival("constant")
@@ -1007,7 +1008,8 @@ def test_parse_arrival_gives_a_value_or_a_config_error(value: object) -> None:
 
 
 def test_parse_slo_list_delegates_to_slo() -> None:
-    slo = pytest.importorskip("pytest_llmload.slo")
+    from pytest_llmload import slo
+
     (one,) = parse_slo_list("ttft.p99<2s")
     assert isinstance(one, slo.SLO)
     assert parse_slo_list(["ttft.p99<2s", "itl.p95<=50ms"]) == (
@@ -1036,9 +1038,6 @@ def test_parse_slo_list_gives_a_value_or_a_config_error(value: object) -> None:
 
 
 def test_parse_tokenizer_delegates_to_tokens() -> None:
-    pytest.importorskip(
-        "pytest_llmload.tokens", reason="tokens.py (parse_tokenizer_spec) is not written yet"
-    )
     assert isinstance(config.parse_tokenizer("usage"), str)
     assert config.parse_tokenizer("tiktoken:cl100k_base").startswith("tiktoken:")
     message = error_of(config.parse_tokenizer, 5, "llm_load(tokenizer=...)")
@@ -1048,7 +1047,6 @@ def test_parse_tokenizer_delegates_to_tokens() -> None:
 
 
 def test_parse_mock_delegates_to_mock() -> None:
-    pytest.importorskip("pytest_llmload.mock.spec", reason="mock/spec.py is not written yet")
     spec = config.parse_mock("ttft=200ms,itl=20ms,tokens=128,jitter=0.1,error_rate=0.01")
     assert spec is not None
     message = error_of(config.parse_mock, "ttft=soon", "llm_load(mock=...)")
@@ -1058,7 +1056,6 @@ def test_parse_mock_delegates_to_mock() -> None:
 @settings(max_examples=150, deadline=None)
 @given(value=st.one_of(texts, natives))
 def test_parse_tokenizer_gives_a_value_or_a_config_error(value: object) -> None:
-    pytest.importorskip("pytest_llmload.tokens")
     try:
         assert isinstance(config.parse_tokenizer(value), str)
     except ConfigError as exc:
@@ -1066,7 +1063,6 @@ def test_parse_tokenizer_gives_a_value_or_a_config_error(value: object) -> None:
 
 
 def test_parse_tokenizer_unknown_home_is_a_config_error() -> None:
-    pytest.importorskip("pytest_llmload.tokens")
     with pytest.raises(ConfigError, match="^--llm-tokenizer: "):
         config.parse_tokenizer("~no_such_user_llmload/tok")
 
@@ -1074,7 +1070,6 @@ def test_parse_tokenizer_unknown_home_is_a_config_error() -> None:
 @settings(max_examples=150, deadline=None)
 @given(value=st.one_of(texts, natives))
 def test_parse_mock_gives_a_value_or_a_config_error(value: object) -> None:
-    pytest.importorskip("pytest_llmload.mock.spec")
     try:
         config.parse_mock(value)
     except ConfigError as exc:
