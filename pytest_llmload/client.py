@@ -696,6 +696,14 @@ class LLMClient:
             kwargs["api_base"] = ep.api_base
         if ep.api_key is not None:
             kwargs["api_key"] = ep.api_key
+        elif (
+            ep.api_base is not None
+            and ep.provider in OPENAI_COMPATIBLE
+            and not os.environ.get(ep.provider.upper().replace("-", "_") + "_API_KEY")
+        ):
+            # a keyless OpenAI-compatible server (vLLM, transformers serve ...): litellm's OpenAI
+            # client refuses to send without some key, and vLLM's convention is "EMPTY"
+            kwargs["api_key"] = "EMPTY"
         deltas: list[str] = []
         texts: list[str] = []
         reasoning: list[str] = []

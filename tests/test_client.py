@@ -421,6 +421,26 @@ def test_litellm_transport_streams_from_the_mock_with_one_http_request_per_call(
     assert len(result.text.split()) == TOKENS and result.finish_reason == "stop"
 
 
+def test_litellm_transport_reaches_a_keyless_server_without_a_key(
+    mock: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM, transformers serve and the mock need no key, but litellm's OpenAI client refuses to
+    send without one: the transport gives it a placeholder, so no key is needed here either."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    sink: list[RequestRecord] = []
+
+    async def go() -> StreamResult:
+        client = LLMClient(Endpoint("openai/mock", api_base=mock.base_url, transport="litellm"),
+                           sink=sink.append, timeout=30.0)
+        try:
+            return await client.astream(PROMPT)
+        finally:
+            await client.aclose()
+
+    result = asyncio.run(go())
+    assert result.record.ok and result.output_tokens == TOKENS
+
+
 # -- imports --------------------------------------------------------------------------------------
 
 
