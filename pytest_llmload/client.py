@@ -213,8 +213,12 @@ class _Stream:
         self.started = False
         self.buf = b""
 
-    def feed(self, data: bytes, t: int) -> None:
-        """Consume bytes that arrived at ``t``; every complete line is handled now."""
+    def feed(self, data: bytes, t: int, t_later: int | None = None) -> None:
+        """Consume bytes read at once; every complete line is handled now. The first event is
+        stamped ``t``, the rest ``t_later`` (default ``t``): on the load loop ``t`` is when the
+        poll that found the socket readable returned, which the first event's bytes had reached,
+        while later events of the same read may have come in after the poll, so they get the
+        instant of the read itself. Never early, and late only by what the read shows."""
         # the usual read: exactly one event of one data line
         if (not self.buf and data.find(b"\n") == len(data) - 2 and data.endswith(b"\n\n")
                 and data.startswith(b"data:")):
@@ -223,12 +227,14 @@ class _Stream:
         buf = self.buf + data if self.buf else data
         find = buf.find
         on_data = self._data
+        later = t if t_later is None else t_later
         start = 0
         while (nl := find(b"\n", start)) >= 0:
             line = buf[start:nl]
             start = nl + 1
             if line.startswith(b"data:"):
                 on_data(line[5:].strip(), t)
+                t = later
             elif line and not line.isspace() and not line.startswith(_SSE_OTHER_FIELDS):
                 text = _short(line.decode("utf-8", "replace"))
                 raise _ProtocolError(f"malformed SSE line: {text}")
@@ -544,10 +550,14 @@ class LLMClient:
             messages = with_image(messages, part)
         payload = self.build_payload(messages, kwargs)
         record = RequestRecord(
+            # stamped again at the real send; a request that fails before it is sent keeps
+            # this instant rather than the clock's zero (which would stretch the test's window)
+            start_ns=time.perf_counter_ns(),
             intended_start_ns=intended_start_ns,
             transport=self.transport,
             worker=self.worker,
             image=image_meta,
+            wall_start=time.time(),
         )
         timeout = timeout or self.timeout
         fn: Callable[[dict[str, Any], RequestRecord], Any]
@@ -775,16 +785,18 @@ async def _follow(proto: Any, content: Any, stream: _Stream) -> None:
     feed = stream.feed
     reading = False
 
-    def on_read(t: int) -> None:
+    def on_read(t: int, t_later: int | None = None) -> None:
         # taking data from the buffer can resume aiohttp's parser, which calls back in here:
         # ignored, the loop below picks up whatever that produced
         nonlocal reading
         if reading or done.done():
             return
         reading = True
+        later = t if t_later is None else t_later
         try:
             while not stream.done and (data := content.read_nowait()):
-                feed(data, t)
+                feed(data, t, later)
+                t = later  # only the read's first event had surely arrived by the poll
             if stream.done or content.at_eof():
                 done.set_result(None)
         except Exception as exc:  # noqa: BLE001 - handed to the request's task, never to aiohttp
@@ -794,7 +806,7 @@ async def _follow(proto: Any, content: Any, stream: _Stream) -> None:
 
     proto.on_read = on_read
     try:
-        on_read(proto.rx_ns)  # what came with the headers
+        on_read(proto.rx_ns, proto.rx_late_ns or None)  # what came with the headers
         await done
     finally:
         proto.on_read = None
@@ -823,19 +835,24 @@ def _stamp_arrivals(connector: Any) -> None:
 
         class _StampingHandler(ResponseHandler):
             rx_ns = 0
-            on_read: Callable[[int], None] | None = None
+            rx_late_ns = 0
+            on_read: Callable[..., None] | None = None
 
             def data_received(self, data: bytes) -> None:
                 if not data:  # aiohttp resuming its own parser: nothing arrived
                     received(self, data)
                     return
-                # the instant the loop's poll returned, on the load loop (engine.new_event_loop):
-                # these bytes had arrived by then; elsewhere, now
+                # On the load loop (engine.new_event_loop): the instant its poll returned, which
+                # the read's first bytes had reached (the socket was readable then); bytes that
+                # came in while the loop served other sockets are in the same read, so the read's
+                # later events get its own instant. Elsewhere: now, for all of them.
+                now = clock()
                 poll_ns = getattr(getattr(self._loop, "_selector", None), "poll_ns", 0)
-                self.rx_ns = t = poll_ns or clock()
+                self.rx_ns = t = poll_ns or now
+                self.rx_late_ns = now
                 received(self, data)
                 if self.on_read is not None:
-                    self.on_read(t)
+                    self.on_read(t, now)
 
             def connection_lost(self, exc: BaseException | None) -> None:
                 lost(self, exc)

@@ -381,10 +381,11 @@ async def _closed_loop(
 
 
 class _StampingSelector(selectors.DefaultSelector):
-    """Notes the instant each poll returns. Every byte read in that loop iteration had arrived by
-    then, so a chunk stamped with it excludes the time the loop spent on the sockets served
-    before its own in the same iteration: with hundreds of streams ready at once, that queue is
-    the client's backlog, not the server's latency."""
+    """Notes the instant each poll returns. A socket it reports readable had bytes waiting by
+    then, so the first event the loop then reads from it is stamped with that instant: the time
+    the loop spends on the sockets served before it in the same iteration is the client's
+    backlog, not the server's latency. (Later events in the same read may have come in after the
+    poll: the lean reader stamps those with the read's own instant.)"""
 
     poll_ns = 0
 
