@@ -177,6 +177,31 @@ def test_on_the_load_loop_no_chunk_is_stamped_before_it_was_sent(
     assert late_reads > 0
 
 
+def test_a_request_failing_before_its_send_keeps_a_real_start(mock: MockServer) -> None:
+    """A body that cannot even be encoded fails before anything is sent: its record must still
+    start when the request was made (a start at the clock's zero would stretch the test's
+    measured window to the machine's uptime and wreck every throughput figure)."""
+    import time as time_module
+
+    sink: list[RequestRecord] = []
+
+    async def go() -> None:
+        client = make_client(mock, sink)
+        try:
+            await client.warmup()
+            with pytest.raises(StreamError):
+                await client.astream(PROMPT, metadata={"tags": {"not JSON"}})
+        finally:
+            await client.aclose()
+
+    t0 = time_module.perf_counter_ns()
+    asyncio.run(go())
+    (rec,) = sink
+    assert not rec.ok
+    assert t0 <= rec.start_ns <= (rec.end_ns or 0) <= time_module.perf_counter_ns()
+    assert rec.wall_start > 0
+
+
 def test_arrival_is_stamped_by_the_connection_not_the_reading_task(mock: MockServer) -> None:
     """If aiohttp's internals change, stamping silently falls back to the task's read time;
     this says so."""
