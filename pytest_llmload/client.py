@@ -93,13 +93,39 @@ class Endpoint:
     def resolved_transport(self) -> str:
         if self.transport != "auto":
             return self.transport
-        if self.provider in OPENAI_COMPATIBLE and (
-            self.api_base is not None or self.provider == "openai"
-        ):
-            return TRANSPORT_SSE
-        if self.provider in OPENAI_COMPATIBLE:
-            return TRANSPORT_SSE  # base URL comes from litellm's provider table
-        return TRANSPORT_LITELLM
+        # an OpenAI-compatible provider without --llm-api-base: litellm's table has its URL
+        return TRANSPORT_SSE if self.provider in OPENAI_COMPATIBLE else TRANSPORT_LITELLM
+
+
+class EndpointError(ValueError):
+    """The endpoint cannot be reached as configured (no base URL known): a usage error."""
+
+
+def resolve_sse(ep: Endpoint) -> tuple[str, str | None]:
+    """Base URL and key of an OpenAI-compatible endpoint: the configured ones, else the
+    provider's own (``OPENAI_API_KEY``, litellm's table of hosted providers)."""
+    base = ep.api_base
+    key = ep.api_key
+    if base is None and ep.provider == "openai":
+        base = os.environ.get("OPENAI_BASE_URL") or os.environ.get("OPENAI_API_BASE") or (
+            "https://api.openai.com/v1"
+        )
+    if key is None:
+        # the provider's own variable, as litellm names it (OPENAI_API_KEY, GROQ_API_KEY ...)
+        key = os.environ.get(ep.provider.upper().replace("-", "_") + "_API_KEY")
+    if base is None:
+        # litellm's provider table knows the base URL (and key variable) of hosted providers;
+        # it costs seconds to import, so only a hosted provider without --llm-api-base pays.
+        litellm = import_litellm()
+        _, _, dyn_key, dyn_base = litellm.get_llm_provider(ep.model)
+        base = dyn_base
+        key = key or dyn_key
+    if not base:
+        raise EndpointError(
+            f"--llm-api-base: no base URL is known for --llm-model {ep.model!r}; give the "
+            "endpoint's URL, e.g. --llm-api-base http://host:8000/v1."
+        )
+    return str(base), key
 
 
 class StreamError(Exception):
@@ -447,25 +473,7 @@ class LLMClient:
     # -- set-up ----------------------------------------------------------------------------
 
     def _resolve_sse(self) -> None:
-        ep = self.endpoint
-        base = ep.api_base
-        key = ep.api_key
-        if base is None and ep.provider == "openai":
-            base = os.environ.get("OPENAI_BASE_URL") or os.environ.get("OPENAI_API_BASE") or (
-                "https://api.openai.com/v1"
-            )
-        if key is None:
-            # the provider's own variable, as litellm names it (OPENAI_API_KEY, GROQ_API_KEY ...)
-            key = os.environ.get(ep.provider.upper().replace("-", "_") + "_API_KEY")
-        if base is None:
-            # litellm's provider table knows the base URL (and key variable) of hosted providers;
-            # it costs seconds to import, so only a hosted provider without --llm-api-base pays.
-            litellm = import_litellm()
-            _, _, dyn_key, dyn_base = litellm.get_llm_provider(ep.model)
-            base = dyn_base
-            key = key or dyn_key
-        if base is None:
-            raise ValueError(f"no base URL is known for model {ep.model!r}: give --llm-api-base.")
+        base, key = resolve_sse(self.endpoint)
         self._url = base.rstrip("/") + "/chat/completions"
         self._headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         if key:

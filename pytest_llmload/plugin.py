@@ -366,8 +366,17 @@ def llm_endpoint(request: pytest.FixtureRequest) -> Endpoint:
         return Endpoint("openai/mock", state.mock.base_url,
                         "sk-unused" if transport == "litellm" else None,
                         transport="sse" if transport == "auto" else transport)
-    return Endpoint(str(model), _get(state, "api_base"),  # type: ignore[arg-type]
-                    str(key) if key is not None else None, transport=transport)
+    endpoint = Endpoint(str(model), _get(state, "api_base"),  # type: ignore[arg-type]
+                        str(key) if key is not None else None, transport=transport)
+    if endpoint.resolved_transport() == "sse" and endpoint.api_base is None:
+        from .client import EndpointError, resolve_sse
+
+        try:
+            resolve_sse(endpoint)  # a hosted provider's URL from litellm's table, once
+        except EndpointError as exc:
+            # a configuration mistake, not a failing endpoint: end the run as a usage error
+            pytest.exit(str(exc), returncode=pytest.ExitCode.USAGE_ERROR)
+    return endpoint
 
 
 def _runner(request: pytest.FixtureRequest, endpoint: Endpoint) -> Runner:

@@ -207,8 +207,15 @@ class LLM:
     ) -> StreamResult:
         """Stream one chat completion; raises ``StreamError`` if the request failed."""
         __tracebackhide__ = True
+        coro = self._request(messages_or_prompt, kwargs)
+        loop = self._runner.loop
         try:
-            result: StreamResult = await self._request(messages_or_prompt, kwargs)
+            if loop.in_loop_thread:
+                result: StreamResult = await coro
+            else:
+                # another loop (pytest-asyncio's, asyncio.run in a test): the client, its
+                # connections and its clock belong to the load loop, so the request runs there
+                result = await asyncio.wrap_future(loop.submit(coro))
         except StreamError as exc:
             # the failure is the endpoint's, not a bug in the transport: show the test's line
             # and the error, not the event loop's machinery

@@ -693,3 +693,48 @@ def test_skip_or_xfail_in_a_load_body_decides_the_test(
     text = output(result)
     assert "never retrieved" not in text and "LLM load: " not in text
     assert len(by_max_tokens(mock.requests(), 8)) < 40  # the load stopped at the verdict
+
+
+# -- loops and endpoints -------------------------------------------------------------------------
+
+
+def test_astream_from_another_event_loop_runs_on_the_load_loop(
+    pytester: pytest.Pytester, mock: MockServer
+) -> None:
+    """A test that drives ``llm.astream`` on a loop of its own (asyncio.run, or pytest-asyncio's)
+    still measures its request: the client and its connections live on the load loop, whichever
+    test used them first."""
+    pytester.makepyfile(
+        """
+        import asyncio
+
+        def test_sync_first(llm):
+            assert llm.stream("hi").output_tokens == 16
+
+        def test_own_loop(llm):
+            out = asyncio.run(llm.astream("hi"))
+            assert out.output_tokens == 16 and out.ttft > 0
+        """
+    )
+    result = run(pytester, server=mock)
+    assert result.ret == 0, output(result)
+    result.assert_outcomes(passed=2)
+
+
+def test_a_hosted_provider_without_a_known_base_url_is_a_usage_error(
+    pytester: pytest.Pytester,
+) -> None:
+    """No base URL for an OpenAI-compatible provider is the user's configuration, not a failing
+    endpoint: the run ends with a usage error naming the option, before any request."""
+    pytester.makepyfile(
+        """
+        def test_one(llm):
+            llm.stream("hi")
+        """
+    )
+    result = run(pytester, "--llm-model", "hosted_vllm/my-model")
+    assert result.ret == 4, output(result)
+    assert "--llm-api-base: no base URL is known for --llm-model 'hosted_vllm/my-model'" in (
+        output(result)
+    )
+    assert "failed" not in output(result)
