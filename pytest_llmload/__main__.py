@@ -4,8 +4,8 @@ Merges the JSON reports of separate runs (``--llm-report``; a CI matrix on sever
 by test id, prints the same summary a run prints, and checks the SLOs on the merged records: the
 ones each test recorded, plus every ``--slo`` for every load test.
 
-Exit status: 0 when every SLO holds, 1 when one fails on the merged data, 2 when an input cannot
-be used (unreadable, not a report, no tests) or an option is malformed; the message says why.
+Exit status: 0 when every SLO holds, 1 when one fails on the merged data (or, as in a run, a load
+test made no request or every one of its requests failed), 2 when an input cannot be used (unreadable, not a report, no tests) or an option is malformed; the message says why.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import NoReturn, TextIO
 from .config import ConfigError
 from .merge import MSG_NOT_OVERLAPPING, merge_reports, source_labels, workers_line
 from .report import format_table, read_json_report, test_entry, write_json_report
-from .slo import SLO, parse_slo
+from .slo import SLO, parse_slo, verdict
 
 PROG = "python -m pytest_llmload"
 EXIT_OK = 0
@@ -104,7 +104,7 @@ def merge_command(
         if not test.overlapping:
             out.write(f"  note: {MSG_NOT_OVERLAPPING}\n")
         out.write("\n")
-        failed = [r.message for r in results if not r.passed]
+        failed = verdict(test.records, results, load=test.load)
         if failed:
             failures.append((test.nodeid, failed))
         entries.append(
@@ -127,13 +127,14 @@ def merge_command(
     for nodeid, messages in failures:
         out.write(f"FAILED {nodeid}\n")
         for message in messages:
-            out.write(f"  {message}\n")
-    verdict = (
-        f"{len(failures)} of {len(tests)} tests failed their SLOs on the merged data"
+            for line in message.splitlines():
+                out.write(f"  {line}\n")
+    overall = (
+        f"{len(failures)} of {len(tests)} tests failed on the merged data"
         if failures
         else f"every SLO of the {len(tests)} tests holds on the merged data"
     )
-    out.write(f"LLM load merge: {verdict}\n")
+    out.write(f"LLM load merge: {overall}\n")
     return EXIT_SLO_FAILED if failures else EXIT_OK
 
 

@@ -41,10 +41,6 @@ IMAGES_AHEAD = 256
 #: How often the progress line is refreshed during a long load test (seconds).
 PROGRESS_EVERY = 5.0
 
-MSG_ALL_FAILED = "every one of the {n} requests failed; the first errors:\n{errors}"
-MSG_NO_REQUESTS = (
-    "the load test made no request: the test body never called llm.stream() or llm.astream()."
-)
 MSG_STOPPED = (
     "the load test was stopped at its bound of {bound:.3g} s before the schedule completed "
     "({done} of {total} requests done); the endpoint could not keep up with the load"
@@ -527,33 +523,15 @@ def summarize_test(
     )
 
 
-def _first_errors(records: Sequence[RequestRecord], limit: int = 5) -> str:
-    """The first ``limit`` distinct errors, in order of first appearance, each with how many
-    requests it ended: a wall of identical lines hides a second kind of failure."""
-    counts: dict[tuple[str, str], int] = {}
-    for r in records:
-        key = (r.error_type or "error", " ".join((r.error or "").split())[:300])
-        if key in counts:
-            counts[key] += 1
-        elif len(counts) < limit:
-            counts[key] = 1
-    return "\n".join(
-        f"  {kind}: {message}" + (f" (x{n})" if n > 1 else "") if message else f"  {kind} (x{n})"
-        for (kind, message), n in counts.items()
-    )
-
-
 def gate(result: LoadResult) -> str | None:
     """Why this load test fails, as a message for ``pytest.fail``; None if it passes."""
+    from .slo import verdict
+
     records = result.records
     outcome = result.outcome
-    if result.load and not records:
-        return MSG_NO_REQUESTS
-    lines = []
-    if records and all(not r.ok for r in records):
-        lines.append(MSG_ALL_FAILED.format(n=len(records), errors=_first_errors(records)))
-    else:
-        lines.extend(r.message for r in result.slo_results if not r.passed)
+    lines = verdict(records, result.slo_results, load=result.load)
+    if not records and result.load:
+        return "\n".join(lines)  # made no request: that is the whole story
     if outcome is not None and outcome.stopped_reason == STOP_DEADLINE:
         # said even when every request failed: that the schedule could not complete is the news
         s = result.settings

@@ -23,7 +23,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,12 @@ from pytest_llmload import config as _config
 
 if TYPE_CHECKING:
     from pytest_llmload.metrics import Summary
+    from pytest_llmload.records import RequestRecord
+
+MSG_ALL_FAILED = "every one of the {n} requests failed; the first errors:\n{errors}"
+MSG_NO_REQUESTS = (
+    "the load test made no request: the test body never called llm.stream() or llm.astream()."
+)
 
 #: Per-request latencies in seconds. They count towards goodput.
 LATENCY_METRICS: tuple[str, ...] = ("ttft", "itl", "tpot", "e2e")
@@ -361,3 +367,32 @@ def evaluate(slos: Iterable[SLO], summary: Summary) -> list[SLOResult]:
         else:
             results.append(SLOResult(slo, observed, slo.check(observed), count))
     return results
+
+
+def _first_errors(records: Sequence[RequestRecord], limit: int = 5) -> str:
+    """The first ``limit`` distinct errors, in order of first appearance, each with how many
+    requests it ended: a wall of identical lines hides a second kind of failure."""
+    counts: dict[tuple[str, str], int] = {}
+    for r in records:
+        key = (r.error_type or "error", " ".join((r.error or "").split())[:300])
+        if key in counts:
+            counts[key] += 1
+        elif len(counts) < limit:
+            counts[key] = 1
+    return "\n".join(
+        f"  {kind}: {message}" + (f" (x{n})" if n > 1 else "") if message else f"  {kind} (x{n})"
+        for (kind, message), n in counts.items()
+    )
+
+
+def verdict(
+    records: Sequence[RequestRecord], slo_results: Iterable[SLOResult], *, load: bool
+) -> list[str]:
+    """Why a test fails on its records and SLO verdicts (empty: it passes), the same in a run
+    and in ``python -m pytest_llmload merge``: a load test that made no request, or whose every
+    request failed, fails whatever its SLOs say (their figures would only describe failures)."""
+    if load and not records:
+        return [MSG_NO_REQUESTS]
+    if records and all(not r.ok for r in records):
+        return [MSG_ALL_FAILED.format(n=len(records), errors=_first_errors(records))]
+    return [r.message for r in slo_results if not r.passed]

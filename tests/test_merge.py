@@ -110,7 +110,7 @@ def test_recorded_slo_failing_only_on_merged_data_exits_1(
     assert "FAILED t.py::test_story" in out
     assert "SLO failed: ttft.p99 = 243 ms > 100 ms (n=39)" in out
     assert "workers: A.json 20, B.json 20" in out
-    assert "1 of 2 tests failed their SLOs on the merged data" in out
+    assert "1 of 2 tests failed on the merged data" in out
 
 
 def test_cli_slo_applies_to_every_load_test(
@@ -225,3 +225,22 @@ def test_reports_of_two_real_runs_merge_from_the_command_line(
 
     proc = merge(str(fast), str(slow), "--slo", "ttft.p90<200ms")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_load_test_whose_requests_all_failed_fails_the_merge(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As in a run (session.gate): every request failed, or none was made, fails a load test
+    whatever its SLOs say."""
+    a = tmp_path / "a.json"
+    _write(a, {"t.py::test_down": ([_record(BASE_NS + i * 10**8, 30, ok=False)
+                                    for i in range(4)], []),
+               "t.py::test_idle": ([], []),
+               "t.py::test_fine": (_fast(), [])})
+    assert main(["merge", str(a)]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED t.py::test_down\n  every one of the 4 requests failed; the first errors:\n" \
+        "    http_500: boom (x4)\n" in out
+    assert "FAILED t.py::test_idle\n  the load test made no request" in out
+    assert "FAILED t.py::test_fine" not in out
+    assert "2 of 3 tests failed on the merged data" in out
