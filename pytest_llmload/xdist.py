@@ -12,7 +12,11 @@ machine, so ``perf_counter_ns`` is one clock and their records share one time ax
 gate SLOs on their partial data; they send their records (``config.workeroutput``); the
 controller concatenates them per test (``pytest_testnodedown``), summarises them again (exact:
 percentiles over the merged records, never averaged), gates the SLOs on the merged figures and
-fails the run (``session.testsfailed``), naming the test, the SLO and the figure.
+fails the run (``session.testsfailed``), naming the test, the SLO and the figure. A test marked
+``xfail`` (the worker's report says ``wasxfail``, sent along with its records) that fails on the
+merged figures is an expected failure, as it is without xdist: the controller notes it and does
+not count it. (A share that passed is the worker's own verdict, shown as xpassed; under
+``strict=True`` the worker already failed it as XPASS(strict), and the merge does not undo that.)
 
 Other modes (``load``, ``loadscope``, ``loadfile``, ``loadgroup``, ``worksteal``): each load test
 runs once, whole, on one worker, which gates it as without xdist. The controller collects the
@@ -61,6 +65,8 @@ RENDEZVOUS_TIMEOUT = 60.0
 _POLL_S = 0.002
 #: The summary's word for a load test that failed its SLOs on the merged figures.
 STAT_KEY = "failed on merged SLOs"
+#: ... and for an ``xfail`` load test that did, as expected.
+XFAIL_STAT_KEY = "xfailed on merged SLOs"
 
 MSG_INTERFERENCE = (
     "note: under --dist {mode}, {tests} ran at the same time on separate workers against the "
@@ -68,6 +74,10 @@ MSG_INTERFERENCE = (
     "drives a share of every load test) or run without -n for figures of one load test at a time."
 )
 MSG_GATE_HEAD = "LLM load: SLOs checked on the figures merged from the workers (--dist each)"
+MSG_XFAILED = (
+    "note: {nodeid} failed on the figures merged from the workers, as expected (xfail{reason}); "
+    "it is not counted as a failure:"
+)
 MSG_UNALIGNED = (
     "note: {tests}: the workers did not all reach the start within {timeout:g} s, so their "
     "shares did not start together and the merged arrivals are not the configured process."
@@ -207,10 +217,13 @@ def _settings_from(d: dict[str, Any]) -> LoadSettings:
 _OUTCOME_FIELDS = ("start_ns", "end_ns", "jobs", "failed", "max_in_flight", "stopped_reason")
 
 
-def to_payload(result: LoadResult, *, aligned: bool = True) -> dict[str, Any]:
+def to_payload(
+    result: LoadResult, *, aligned: bool = True, xfail: str | None = None
+) -> dict[str, Any]:
     """What a worker sends for one test: plain data (execnet carries no objects). Records are
     relative to the test's start (exact in nanoseconds); ``origin_wall`` is that start on the
-    wall clock, for workers on other hosts."""
+    wall clock, for workers on other hosts. ``xfail``: the reason of the test's xfail marker
+    (possibly empty), None when it has none."""
     origin = result.origin_ns
     origin_wall = next(
         (r.wall_start - (r.start_ns - origin) / 1e9 for r in result.records if r.wall_start > 0),
@@ -230,6 +243,7 @@ def to_payload(result: LoadResult, *, aligned: bool = True) -> dict[str, Any]:
             **{k: getattr(o, k) for k in _OUTCOME_FIELDS}, "errors": list(o.errors)
         },
         "aligned": aligned,
+        "xfail": xfail,
     }
 
 
@@ -295,6 +309,18 @@ class WorkerPlugin:
         self.config = config
         self.state = state
         self.rendezvous = rendezvous
+        self.xfail: dict[str, str] = {}
+        """Test id -> xfail reason, for the tests whose call report said ``wasxfail``."""
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)  # outside pytest's own: sees its wasxfail
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        report = yield
+        reason = getattr(report, "wasxfail", None)
+        if report.when == "call" and reason is not None:
+            self.xfail[item.nodeid] = str(reason)
+        return report
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
@@ -304,7 +330,8 @@ class WorkerPlugin:
             return
         unaligned = self.rendezvous.unaligned if self.rendezvous is not None else set()
         output[OUTPUT_KEY] = [
-            to_payload(r, aligned=r.nodeid not in unaligned) for r in self.state.results
+            to_payload(r, aligned=r.nodeid not in unaligned, xfail=self.xfail.get(r.nodeid))
+            for r in self.state.results
         ]
 
 
@@ -348,6 +375,8 @@ class ControllerPlugin:
         self.received: list[tuple[str, list[dict[str, Any]]]] = []
         self.nodes = 0
         self.failures: list[tuple[str, str]] = []
+        self.xfailed: list[tuple[str, str, str]] = []
+        """(test id, why, xfail reason) of xfail tests that failed on the merged figures."""
         self.notes: list[str] = []
         self.order: dict[str, int] = {}
 
@@ -408,7 +437,10 @@ class ControllerPlugin:
             if len(workers_of[nodeid]) < self.nodes:
                 missing.append(nodeid)
             why = gate_result(result) if gate else None
-            if why:
+            xfail = next((p["xfail"] for p in payloads if p.get("xfail") is not None), None)
+            if why and xfail is not None:
+                self.xfailed.append((nodeid, why, str(xfail)))
+            elif why:
                 self.failures.append((nodeid, why))
                 session.testsfailed += 1
         if self.mode == "each" and not self.same_machine and any(r.load for r in self.state.results):
@@ -429,6 +461,8 @@ class ControllerPlugin:
         tr = self.config.pluginmanager.get_plugin("terminalreporter")
         if tr is not None and self.failures:
             tr.stats.setdefault(STAT_KEY, []).extend(_Counted(n) for n, _ in self.failures)
+        if tr is not None and self.xfailed:
+            tr.stats.setdefault(XFAIL_STAT_KEY, []).extend(_Counted(n) for n, _, _ in self.xfailed)
 
     def _overlapping(self) -> list[str]:
         """Load tests whose run overlapped another's on another worker (on one machine, their
@@ -450,6 +484,13 @@ class ControllerPlugin:
         tr = terminalreporter
         for note in self.notes:
             tr.write_line(note, yellow=True)
+        for nodeid, why, reason in self.xfailed:
+            tr.write_line(
+                MSG_XFAILED.format(nodeid=nodeid, reason=f": {reason}" if reason else ""),
+                yellow=True,
+            )
+            for line in why.splitlines():
+                tr.write_line(f"  {line}")
         if not self.failures:
             return
         tr.write_sep("=", MSG_GATE_HEAD, red=True)
