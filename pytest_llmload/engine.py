@@ -186,8 +186,11 @@ class _Tracker:
             else:
                 await asyncio.wait_for(job(ctx), timeout)
             ok = True
-        except asyncio.TimeoutError:
-            self._error(f"job {ctx.index} exceeded its bound of {timeout:g} s")
+        except asyncio.TimeoutError as exc:
+            if timeout is None:  # the job's own TimeoutError, not its bound
+                self._error(f"job {ctx.index}: {type(exc).__name__}: {exc}")
+            else:
+                self._error(f"job {ctx.index} exceeded its bound of {timeout:g} s")
         except Exception as exc:  # noqa: BLE001 - a job must never take the load down with it
             self._error(f"job {ctx.index}: {type(exc).__name__}: {exc}")
         finally:

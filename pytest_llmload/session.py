@@ -314,17 +314,20 @@ def _images_ahead(plan: LoadPlan) -> int:
     them up to IMAGES_AHEAD, so a typical load test makes none while it is timed."""
     count = plan.my_requests
     if count is None and plan.rps is not None and plan.duration is not None:
-        count = math.ceil(plan.rps * plan.duration / plan.worker_count) + 1
+        count = math.ceil(plan.rps * plan.duration / plan.participants) + 1
     warm = plan.share(plan.warmup) if plan.warmup else 0
     return min(IMAGES_AHEAD, warm + (count if count is not None else IMAGES_AHEAD))
 
 
 def image_order(plan: LoadPlan) -> Iterator[int]:
     """The job indices of ``plan`` in the order the engine runs them: this worker's warm-ups
-    (-1, -2 ...), then its share of the schedule (every ``worker_count``-th index)."""
+    (-1, -2 ...), then its share of the schedule (every ``participants``-th index, as the engine
+    takes them; nothing for a worker that sits the test out)."""
     warm = plan.share(plan.warmup) if plan.warmup else 0
     yield from range(-1, -1 - warm, -1)
-    indices = itertools.count(plan.worker_index, plan.worker_count)
+    if not plan.active:
+        return
+    indices = itertools.count(plan.worker_index, plan.participants)
     yield from indices if plan.my_requests is None else itertools.islice(indices, plan.my_requests)
 
 
@@ -391,37 +394,27 @@ def run_load_test(
             # pytest.skip(), xfail() or exit() in the body decides the whole test (or session),
             # not one request: stop the load and raise it from the test once the load is down
             verdicts.append(exc)
-            stop.set()
+            stop.set()  # on the load loop: the job runs there
         except (Exception, AssertionError, pytest.fail.Exception) as exc:  # noqa: BLE001
             # whatever else the body raised ends this request, not the load test
             _record_body_failure(state, llm._sink(state), exc)
         finally:
             _job.reset(token)
 
-    stop = threading.Event()
+    # set on the load loop: by a job, or from this thread through call_soon_threadsafe
+    stop = asyncio.Event()
+
     async def run() -> LoadOutcome:
         from .engine import run_load
 
         await runner.client.warmup()
         if images is not None:
             await images.prime()
-        stop_event = asyncio.Event()
 
         def on_progress(p: Any) -> None:
             counts.update(done=p.done, failed=p.failed, in_flight=p.in_flight)
 
-        async def watch_stop() -> None:
-            while not stop.is_set():
-                await asyncio.sleep(0.05)
-            stop_event.set()
-
-        watcher = asyncio.ensure_future(watch_stop())
-        try:
-            return await run_load(
-                plan, job, progress=on_progress, stop=stop_event, start_at=start_at
-            )
-        finally:
-            watcher.cancel()
+        return await run_load(plan, job, progress=on_progress, stop=stop, start_at=start_at)
 
     fut = runner.loop.submit(run())
     total = plan.my_requests
@@ -447,7 +440,7 @@ def run_load_test(
                 )
     except KeyboardInterrupt:
         # Stop sending, cancel what is in flight, keep the records so far.
-        stop.set()
+        runner.loop.loop.call_soon_threadsafe(stop.set)
         try:
             fut.result(timeout=10)
         except Exception:  # noqa: BLE001 - the interrupt is what the user sees; just stop

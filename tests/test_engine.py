@@ -298,3 +298,14 @@ def test_more_workers_than_slots_keep_the_totals(
     assert sorted(seen) == list(range(10))
     slots = concurrency if concurrency is not None else 2
     assert sum(peaks) <= slots
+
+
+def test_a_jobs_own_timeout_error_is_a_failed_job_not_a_crash() -> None:
+    """Without a job bound, a TimeoutError the job raises itself is counted as its failure."""
+
+    async def job(ctx: JobContext) -> None:
+        raise TimeoutError("the body's own")
+
+    out = run(LoadPlan(requests=2, rps=1000.0), job)
+    assert out.jobs == 2 and out.failed == 2
+    assert out.errors and "the body's own" in out.errors[0]

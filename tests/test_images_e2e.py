@@ -412,8 +412,12 @@ def test_litellm(llm_endpoint):
         LoadPlan(requests=13, rps=400.0, worker_index=1, worker_count=3, warmup=5),
         LoadPlan(requests=12, rps=None, concurrency=3),
         LoadPlan(requests=12, rps=6.0, arrival=Arrival("batch"), worker_index=0, worker_count=2),
+        # fewer slots than workers: 2 of the 4 take part, every 2nd index each
+        LoadPlan(requests=8, rps=400.0, concurrency=2, worker_index=1, worker_count=4),
+        LoadPlan(requests=8, rps=None, concurrency=2, worker_index=1, worker_count=4),
     ],
-    ids=["open", "capped-warmup", "worker-share", "closed", "batch"],
+    ids=["open", "capped-warmup", "worker-share", "closed", "batch", "few-slots-open",
+         "few-slots-closed"],
 )
 def test_the_feed_has_every_image_ready_in_the_engines_order(plan: LoadPlan) -> None:
     """Every job finds its image made (none on demand, none waited for), whatever the schedule:
