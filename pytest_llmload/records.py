@@ -139,7 +139,8 @@ class RequestRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], origin_ns: int = 0) -> RequestRecord:
-        """Inverse of :meth:`to_dict` (to nanosecond rounding)."""
+        """Inverse of :meth:`to_dict` (to nanosecond rounding). Raises ValueError (or TypeError)
+        when a field has the wrong type, so a malformed report fails here, not in a summary."""
 
         def ns(v: Any) -> int | None:
             if v is None:
@@ -149,6 +150,20 @@ class RequestRecord:
                 raise ValueError(f"not a finite time: {v!r}")
             return origin_ns + round(f * NS)
 
+        def text(key: str) -> str | None:
+            v = d.get(key)
+            if v is not None and not isinstance(v, str):
+                raise ValueError(f"{key} is not a string: {v!r}")
+            return v
+
+        image = d.get("image")
+        if image is not None and not isinstance(image, dict):
+            raise ValueError(f"image is not an object: {image!r}")
+        input_tokens = d.get("input_tokens")
+        if input_tokens is not None and (
+            not isinstance(input_tokens, int) or isinstance(input_tokens, bool)
+        ):
+            raise ValueError(f"input_tokens is not a whole number: {input_tokens!r}")
         start = ns(d.get("start")) or origin_ns
         chunks = d.get("chunks") or []
         return cls(
@@ -159,13 +174,13 @@ class RequestRecord:
             end_ns=ns(d.get("end")),
             output_tokens=int(d.get("output_tokens") or 0),
             tokens_source=str(d.get("tokens_source") or TOKENS_CHUNKS),
-            input_tokens=d.get("input_tokens"),
-            error_type=d.get("error_type"),
-            error=d.get("error"),
-            response_id=d.get("response_id"),
+            input_tokens=input_tokens,
+            error_type=text("error_type"),
+            error=text("error"),
+            response_id=text("response_id"),
             transport=str(d.get("transport") or ""),
             wall_start=float(d.get("wall_start") or 0.0),
-            worker=d.get("worker"),
-            image=d.get("image"),
+            worker=text("worker"),
+            image=image,
             interrupted=bool(d.get("interrupted", False)),
         )

@@ -34,6 +34,9 @@ MIN_SECRET_LENGTH = 4
 #: Mapping keys whose string values are always redacted, whatever the secrets passed.
 _SECRET_KEY = re.compile(r"(^|[_-])(api[_-]?key|authorization|password|secret)$", re.IGNORECASE)
 
+#: A report's ``origin_wall`` (seconds since the epoch) beyond this is not a time (year 5138).
+MAX_WALL_S = 1e11
+
 _TABLE_ROWS = (("TTFT", "ttft"), ("ITL", "itl"), ("TPOT", "tpot"), ("E2E", "e2e"))
 _TABLE_STATS = ("mean", "p50", "p90", "p99", "max")
 
@@ -416,7 +419,14 @@ def read_json_report(path: str | os.PathLike[str]) -> list[ReportedTest]:
         nodeid = entry["nodeid"]
         origin_wall = entry.get("origin_wall")
         origin_ns = 0
-        if isinstance(origin_wall, int | float) and math.isfinite(origin_wall):
+        if origin_wall is not None:
+            if (
+                not isinstance(origin_wall, int | float)
+                or isinstance(origin_wall, bool)
+                or not abs(origin_wall) < MAX_WALL_S  # NaN too
+            ):
+                raise bad(f"the origin_wall of {nodeid!r} is not a wall-clock time "
+                          f"({origin_wall!r})")
             origin_ns = round(origin_wall * NS)
         raw_records = entry.get("records") or []
         if not isinstance(raw_records, list):

@@ -151,6 +151,14 @@ def test_runs_that_did_not_overlap_are_flagged(
         ('{"version": 99, "tests": []}', "unsupported version 99"),
         ('{"version": 1, "tests": [{"nodeid": "t", "records": [{"start": "x"}]}]}',
          "record #0 of 't' is malformed"),
+        ('{"version": 1, "tests": [{"nodeid": "t", "origin_wall": 1e300, "records": []}]}',
+         "the origin_wall of 't' is not a wall-clock time"),
+        ('{"version": 1, "tests": [{"nodeid": "t", "records": [{"start": 0, "worker": ["a"]}]}]}',
+         "record #0 of 't' is malformed (worker is not a string: ['a'])"),
+        ('{"version": 1, "tests": [{"nodeid": "t", "records": [{"error_type": {}}]}]}',
+         "record #0 of 't' is malformed (error_type is not a string: {})"),
+        ('{"version": 1, "tests": [{"nodeid": "t", "records": [{"error": 3}]}]}',
+         "record #0 of 't' is malformed (error is not a string: 3)"),
     ],
 )
 def test_unreadable_input_exits_2_with_a_sentence(
