@@ -15,7 +15,6 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import pairwise
 from typing import TYPE_CHECKING
 
 from .config import ConfigError
@@ -76,9 +75,17 @@ class MergedTest:
 
     @property
     def overlapping(self) -> bool:
-        """Whether the reports' runs of this test overlapped in time (True for one report)."""
+        """Whether the reports' runs of this test overlapped in time (True for one report): no
+        run starts after every earlier-starting one has ended, so the window has no gap."""
         spans = sorted(self.windows.values())
-        return all(later[0] < earlier[1] for earlier, later in pairwise(spans))
+        if not spans:
+            return True
+        end = spans[0][1]
+        for start, stop in spans[1:]:
+            if start >= end:
+                return False
+            end = max(end, stop)
+        return True
 
     def summarize(self) -> tuple[Summary, list[SLOResult]]:
         """The merged figures and the SLO verdicts on them."""

@@ -252,3 +252,22 @@ def test_a_load_test_whose_requests_all_failed_fails_the_merge(
     assert "FAILED t.py::test_idle\n  the load test made no request" in out
     assert "FAILED t.py::test_fine" not in out
     assert "2 of 3 tests failed on the merged data" in out
+
+
+@pytest.mark.parametrize(
+    "windows, overlapping",
+    [
+        ([(0, 100), (10, 20), (50, 60)], True),  # a long run covers both short ones
+        ([(0, 10), (20, 30)], False),
+        ([(20, 30), (0, 25)], True),
+        ([(0, 100), (10, 20), (150, 160)], False),  # the third started after everything ended
+        ([(0, 10)], True),
+    ],
+)
+def test_overlap_is_judged_against_every_earlier_run(
+    windows: list[tuple[int, int]], overlapping: bool
+) -> None:
+    from pytest_llmload.merge import MergedTest
+
+    test = MergedTest("t", windows={f"r{i}": w for i, w in enumerate(windows)})
+    assert test.overlapping is overlapping
