@@ -39,7 +39,6 @@ __all__ = [
     "ImageFactory",
     "ImageFeed",
     "ImageInput",
-    "image_heights",
     "image_part",
     "make_image",
     "random_height",
@@ -145,12 +144,6 @@ def make_image(
 def random_height(rng: random.Random) -> int:
     """A height drawn uniformly from 100..1024 inclusive (the seed script's range)."""
     return rng.randint(MIN_RANDOM_HEIGHT, MAX_RANDOM_HEIGHT)
-
-
-def image_heights(seed: int, count: int) -> list[int]:
-    """``count`` random heights; the same seed gives the same list."""
-    rng = random.Random(seed)
-    return [random_height(rng) for _ in range(count)]
 
 
 class ImageFactory:

@@ -151,10 +151,6 @@ class SLO:
         """``metric.stat`` as written (``ttft.p99``, ``error_rate``)."""
         return self.metric if self.stat is None else f"{self.metric}.{self.stat}"
 
-    @property
-    def is_latency(self) -> bool:
-        return self.metric in LATENCY_METRICS
-
     def check(self, observed: float | None) -> bool:
         """Whether ``observed`` (SI units) meets the limit. None (nothing measured) never does."""
         if observed is None or math.isnan(observed):

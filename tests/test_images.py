@@ -22,7 +22,6 @@ from pytest_llmload.images import (
     GeneratedImage,
     ImageError,
     ImageFactory,
-    image_heights,
     image_part,
     make_image,
     random_height,
@@ -154,13 +153,6 @@ def test_random_heights_stay_in_range_and_cover_it() -> None:
     # Uniform over 925 values: 5000 draws reach both ends' neighbourhoods.
     assert min(heights) < 110
     assert max(heights) > 1014
-
-
-def test_image_heights_repeat_with_the_seed() -> None:
-    assert image_heights(11, 50) == image_heights(11, 50)
-    assert image_heights(11, 50) != image_heights(12, 50)
-    assert all(100 <= h <= 1024 for h in image_heights(11, 50))
-    assert image_heights(3, 0) == []
 
 
 def test_factory_off_gives_no_images() -> None:
