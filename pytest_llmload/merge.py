@@ -32,7 +32,8 @@ MSG_NOT_OVERLAPPING = (
 )
 
 
-def _natural(text: str) -> list[object]:
+def natural_key(text: str) -> list[object]:
+    """Sort key that puts ``gw2`` before ``gw10``."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
@@ -40,7 +41,7 @@ def workers_line(workers: Mapping[str, int]) -> str | None:
     """``workers: gw0 20, gw1 20`` (requests per worker, or per report), when there were several."""
     if len(workers) < 2:
         return None
-    names = sorted(workers, key=_natural)
+    names = sorted(workers, key=natural_key)
     return "workers: " + ", ".join(f"{name} {workers[name]}" for name in names)
 
 
@@ -100,12 +101,7 @@ def _window(records: Iterable[RequestRecord]) -> tuple[int, int] | None:
     recs = list(records)
     if not recs:
         return None
-    start = min(r.start_ns for r in recs)
-    end = max(
-        r.end_ns if r.end_ns is not None else (r.chunk_ns[-1] if r.chunk_ns else r.start_ns)
-        for r in recs
-    )
-    return start, end
+    return min(r.start_ns for r in recs), max(r.last_ns for r in recs)
 
 
 def merge_reports(
@@ -155,6 +151,7 @@ __all__ = [
     "MSG_NOT_OVERLAPPING",
     "MergedTest",
     "merge_reports",
+    "natural_key",
     "source_labels",
     "workers_line",
 ]

@@ -373,7 +373,7 @@ def summarize(records: Iterable[RequestRecord], *, slos: Sequence[SLO] = ()) -> 
     # -- window and throughput
     if n_all:
         s.start_ns = min(r.start_ns for r in recs)
-        s.end_ns = max(_end_ns(r) for r in recs)
+        s.end_ns = max(r.last_ns for r in recs)
         s.duration_s = max(0, s.end_ns - s.start_ns) / NS
     else:
         s.start_ns = s.end_ns = None
@@ -418,14 +418,6 @@ def summarize(records: Iterable[RequestRecord], *, slos: Sequence[SLO] = ()) -> 
     s.tokens_sources = dict(Counter(r.tokens_source for r in ok_recs).most_common())
     s.interrupted = sum(1 for r in recs if r.interrupted)
     return s
-
-
-def _end_ns(r: RequestRecord) -> int:
-    if r.end_ns is not None:
-        return r.end_ns
-    if r.chunk_ns:
-        return r.chunk_ns[-1]
-    return r.start_ns
 
 
 def _itl_samples(recs: Sequence[RequestRecord]) -> tuple[FloatArray, npt.NDArray[np.int64]]:

@@ -51,6 +51,15 @@ class RequestRecord:
     """``{"width", "height", "bytes"}`` of an attached image, if any."""
     interrupted: bool = False
 
+    @property
+    def last_ns(self) -> int:
+        """The request's last instant: its end, else its last chunk, else its send."""
+        if self.end_ns is not None:
+            return self.end_ns
+        if self.chunk_ns:
+            return self.chunk_ns[-1]
+        return self.start_ns
+
     # -- derived, per request (seconds) -------------------------------------------------
 
     @property

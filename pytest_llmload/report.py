@@ -15,7 +15,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -195,18 +195,6 @@ def format_requests_line(
     return redacted
 
 
-def write_table(
-    write_line: Callable[[str], object],
-    nodeid: str,
-    summary: Summary,
-    slo_results: Sequence[SLOResult] = (),
-    **kwargs: Any,
-) -> None:
-    """:func:`format_table`, written through a TerminalReporter-like ``write_line``."""
-    for line in format_table(nodeid, summary, slo_results, **kwargs):
-        write_line(line)
-
-
 # -- redaction and JSON ------------------------------------------------------------------------
 
 
@@ -269,7 +257,7 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def _origin_wall(records: Sequence[RequestRecord], origin_ns: int) -> float | None:
+def origin_wall(records: Sequence[RequestRecord], origin_ns: int) -> float | None:
     """Wall-clock time of ``origin_ns``, from the first record that noted its wall send time."""
     for r in records:
         if r.wall_start > 0:
@@ -308,7 +296,7 @@ def test_entry(
     entry["slo"] = [result.as_dict() for result in slo_results]
     if settings is not None:
         entry["settings"] = dict(settings)
-    entry["origin_wall"] = _origin_wall(records, origin_ns)
+    entry["origin_wall"] = origin_wall(records, origin_ns)
     if include_records:
         entry["records"] = [r.to_dict(origin_ns) for r in records]
     return entry
@@ -476,26 +464,6 @@ def format_error_line(
     line = f"{when} {nodeid} {kind}: {message}" if message else f"{when} {nodeid} {kind}"
     result: str = redact(line, secrets)
     return result
-
-
-def append_error_log(
-    path: str | os.PathLike[str],
-    nodeid: str,
-    records: Iterable[RequestRecord],
-    *,
-    secrets: Iterable[str | None] = (),
-) -> int:
-    """Append one line per failed record to ``path`` (created with its folders if missing);
-    returns how many lines were written."""
-    secret_list = [s for s in secrets if s]
-    lines = [format_error_line(nodeid, r, secrets=secret_list) + "\n" for r in records if not r.ok]
-    if not lines:
-        return 0
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target, "a", encoding="utf-8") as fh:
-        fh.writelines(lines)
-    return len(lines)
 
 
 # -- JUnit -------------------------------------------------------------------------------------

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -224,11 +223,9 @@ def to_payload(
     relative to the test's start (exact in nanoseconds); ``origin_wall`` is that start on the
     wall clock, for workers on other hosts. ``xfail``: the reason of the test's xfail marker
     (possibly empty), None when it has none."""
+    from .report import origin_wall
+
     origin = result.origin_ns
-    origin_wall = next(
-        (r.wall_start - (r.start_ns - origin) / 1e9 for r in result.records if r.wall_start > 0),
-        None,
-    )
     o = result.outcome
     return {
         "nodeid": result.nodeid,
@@ -236,7 +233,7 @@ def to_payload(
         "load": result.load,
         "transport": result.transport,
         "origin_ns": origin,
-        "origin_wall": origin_wall,
+        "origin_wall": origin_wall(result.records, origin),
         "records": [r.to_dict(origin) for r in result.records],
         "settings": None if result.settings is None else _settings_dict(result.settings),
         "outcome": None if o is None else {
@@ -343,10 +340,6 @@ def _same_machine(node: Any) -> bool:
     return all(bool(spec.popen) and not spec.via for spec in specs)
 
 
-def _natural(text: str) -> list[object]:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
-
-
 def _name_tests(nodeids: Sequence[str]) -> str:
     shown = ", ".join(nodeids[:3])
     more = f" and {len(nodeids) - 3} more" if len(nodeids) > 3 else ""
@@ -414,12 +407,13 @@ class ControllerPlugin:
         return result
 
     def _merge(self, session: pytest.Session, *, gate: bool) -> None:
+        from .merge import natural_key
         from .plugin import _write_errors
         from .session import gate as gate_result
 
         by_test: dict[str, list[dict[str, Any]]] = {}
         workers_of: dict[str, set[str]] = {}
-        for worker, payloads in sorted(self.received, key=lambda wp: _natural(wp[0])):
+        for worker, payloads in sorted(self.received, key=lambda wp: natural_key(wp[0])):
             for p in payloads:
                 by_test.setdefault(p["nodeid"], []).append(p)
                 workers_of.setdefault(p["nodeid"], set()).add(worker)

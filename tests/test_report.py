@@ -19,7 +19,6 @@ from pytest_llmload.metrics import Summary, summarize
 from pytest_llmload.records import RequestRecord
 from pytest_llmload.report import (
     ReportError,
-    append_error_log,
     format_error_line,
     format_table,
     junit_properties,
@@ -181,14 +180,6 @@ def test_table_with_no_records() -> None:
     lines = format_table(NODE, summarize([]), [])
     assert lines[1] == "  no requests were recorded (unknown transport)"
     assert not any("throughput" in line for line in lines)
-
-
-def test_write_table_uses_write_line() -> None:
-    _, summary, results = summary_and_results()
-    written: list[str] = []
-    report.write_table(written.append, NODE, summary, results)
-    assert written == format_table(NODE, summary, results)
-    assert "measured by sse" in written[1]  # from the records when not given
 
 
 # -- redaction ---------------------------------------------------------------------------------
@@ -402,22 +393,6 @@ def test_error_line() -> None:
     assert "\n" not in line
     bare = RequestRecord(error_type="timeout")
     assert format_error_line(NODE, bare) == f"- {NODE} timeout"
-
-
-def test_error_log_appends_failed_requests_only(tmp_path: Path) -> None:
-    path = tmp_path / "logs" / "errors.log"
-    records = load_records()
-    assert append_error_log(path, NODE, records, secrets=[KEY]) == 2
-    assert append_error_log(path, "t2", [records[0]]) == 0
-    assert append_error_log(path, "t2", records[-1:]) == 1
-    lines = path.read_text(encoding="utf-8").splitlines()
-    assert len(lines) == 3
-    assert [line.split(" ")[1:3] for line in lines] == [
-        [NODE, "http_429:"],
-        [NODE, "timeout:"],
-        ["t2", "timeout:"],
-    ]
-    assert KEY not in path.read_text(encoding="utf-8")
 
 
 # -- JUnit -------------------------------------------------------------------------------------
