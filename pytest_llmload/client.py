@@ -58,6 +58,9 @@ ERR_CLIENT = "client"
 """The request was never sent: the client refused to make it (e.g. no credentials)."""
 
 _MAX_MESSAGE = 500
+#: The key litellm's transport sends to a keyless OpenAI-compatible server (vLLM's convention):
+#: litellm's OpenAI client refuses to send a request without one.
+KEYLESS_API_KEY: str | None = "EMPTY"
 
 
 @dataclass(frozen=True)
@@ -715,13 +718,14 @@ class LLMClient:
         if ep.api_key is not None:
             kwargs["api_key"] = ep.api_key
         elif (
-            ep.api_base is not None
+            KEYLESS_API_KEY
+            and ep.api_base is not None
             and ep.provider in OPENAI_COMPATIBLE
             and not os.environ.get(ep.provider.upper().replace("-", "_") + "_API_KEY")
         ):
             # a keyless OpenAI-compatible server (vLLM, transformers serve ...): litellm's OpenAI
             # client refuses to send without some key, and vLLM's convention is "EMPTY"
-            kwargs["api_key"] = "EMPTY"
+            kwargs["api_key"] = KEYLESS_API_KEY
         deltas: list[str] = []
         texts: list[str] = []
         reasoning: list[str] = []

@@ -27,6 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pytest_llmload import client as client_module
 from pytest_llmload import plugin
 from pytest_llmload.client import Endpoint, LLMClient, StreamError
 from pytest_llmload.config import LOAD_KEYS, ConfigError
@@ -193,8 +194,11 @@ def test_host_that_does_not_resolve(transport: str) -> None:
 def test_litellm_without_credentials_is_a_client_error_not_http_500(
     mock: MockServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """litellm labels openai's local "Missing credentials" HTTP 500; no request was sent."""
+    """litellm labels openai's local "Missing credentials" HTTP 500; no request was sent. (A
+    keyless OpenAI-compatible server gets a placeholder key; without it, as for a provider that
+    needs a real key, this is what happens.)"""
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setattr(client_module, "KEYLESS_API_KEY", None)
     since = last_id(mock)
     endpoint = Endpoint("openai/mock", mock.base_url, None, transport="litellm")
     record, error, _ = one_request(endpoint)
