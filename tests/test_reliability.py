@@ -103,7 +103,8 @@ def last_id(server: MockServer) -> int:
 
 
 def one_request(
-    endpoint: Endpoint, *, fault: str | None = None, timeout: float = TIMEOUT
+    endpoint: Endpoint, *, fault: str | None = None, timeout: float = TIMEOUT,
+    headers: dict[str, str] | None = None,
 ) -> tuple[RequestRecord, StreamError | None, list[RequestRecord]]:
     """Send one request (the warm-up already done, so it is the only one); return its record,
     the StreamError if it failed, and everything the sink received."""
@@ -112,9 +113,9 @@ def one_request(
     async def go() -> tuple[RequestRecord, StreamError | None]:
         client = LLMClient(endpoint, timeout=timeout, sink=sink.append)
         client._warm = True  # no warm-up request: exactly one request reaches the server
-        headers = {"X-Mock-Fault": fault} if fault else None
+        extra = {**(headers or {}), **({"X-Mock-Fault": fault} if fault else {})} or None
         try:
-            result = await client.astream("Tell me a story.", extra_headers=headers)
+            result = await client.astream("Tell me a story.", extra_headers=extra)
             return result.record, None
         except StreamError as exc:
             return exc.record, exc
@@ -604,20 +605,7 @@ def test_streams_that_end_at_eof(canned: _CannedServer, scenario: str, transport
     if transport == "litellm" and scenario == "json_body":
         pytest.skip("litellm's SSE decoder ignores a line without a field name (SSE spec)")
     endpoint = Endpoint("openai/canned", canned.base_url, "sk-x", transport=transport)
-    sink: list[RequestRecord] = []
-
-    async def go() -> tuple[RequestRecord, StreamError | None]:
-        client = LLMClient(endpoint, timeout=5.0, sink=sink.append)
-        client._warm = True
-        try:
-            result = await client.astream("hi", extra_headers={"X-Scenario": scenario})
-            return result.record, None
-        except StreamError as exc:
-            return exc.record, exc
-        finally:
-            await client.aclose()
-
-    record, error = asyncio.run(go())
+    record, error, sink = one_request(endpoint, timeout=5.0, headers={"X-Scenario": scenario})
     assert sink == [record]
     if expected is None:
         assert error is None, record.error
