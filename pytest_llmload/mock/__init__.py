@@ -14,8 +14,13 @@ before the write, ``due_ns``, the instant its schedule set, and ``chunk_tokens``
 Spec keys (:data:`SPEC_KEYS`): ``ttft``, ``itl`` (per token: a chunk of k tokens follows the
 previous one by k*itl), ``tokens``, ``jitter``, ``chunk_tokens``, ``error_rate``, ``seed``,
 ``image_prefill`` (per megapixel), ``fault``, ``fault_rate``, ``fault_after`` (alias
-``drop_after``), ``stall``, ``model``, ``log_size``. Durations take ``us``/``ms``/``s``; a bare
-number is seconds.
+``drop_after``), ``stall``, ``model``, ``log_size``, and the capacity model (off by default):
+``slots`` (requests generated at once; the rest wait in a FIFO queue), ``prefill_per_token``
+(time to first token per input token) and ``itl_per_active`` (each decode step slows by this
+per other request generating). Durations take ``us``/``ms``/``s``; a bare number is seconds.
+``/mock/requests`` gives each request's ``queue_ns`` (its wait for a slot) and ``admitted_ns``;
+``/mock/stats`` the gauges ``running`` and ``waiting`` and the queue-wait totals. See
+docs/capacity.md for the model and its knee.
 
 Faults (:data:`FAULTS`), injected by the spec (``fault=drop,fault_rate=0.1``) or per request with
 the header ``X-Mock-Fault: <name>`` (``none`` switches the spec's fault off for that request):

@@ -15,6 +15,7 @@ instants, so lateness never accumulates. Every instant recorded is ``time.perf_c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -100,6 +101,7 @@ class RequestLog:
         "images",
         "max_tokens",
         "model",
+        "admitted_ns",
         "path",
         "prompt_tokens",
         "received_ns",
@@ -127,6 +129,14 @@ class RequestLog:
         self.finish_reason: str | None = None
         self.response_id: str | None = None
         self.disconnected = False
+        self.admitted_ns: int | None = None
+        """When a slot took the request (``received_ns`` when it never waited); None if it was
+        answered without generating, or its client left while it waited."""
+
+    @property
+    def queue_ns(self) -> int | None:
+        """How long the request waited for a slot."""
+        return None if self.admitted_ns is None else self.admitted_ns - self.received_ns
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -148,6 +158,8 @@ class RequestLog:
             "finish_reason": self.finish_reason,
             "response_id": self.response_id,
             "disconnected": self.disconnected,
+            "admitted_ns": self.admitted_ns,
+            "queue_ns": self.queue_ns,
         }
 
 
@@ -172,6 +184,10 @@ class MockApp:
         self._spec_cache: dict[str, MockSpec] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.clock_offset = 0.0
+        self.running = 0
+        """Requests holding a slot (generating), of every spec."""
+        self.waiting: deque[_Stream] = deque()
+        """Requests waiting for a slot, first come first served."""
         self.reset()
 
     def reset(self) -> None:
@@ -184,6 +200,10 @@ class MockApp:
         self.chunks = 0
         self.tokens_sent = 0
         self.faults: dict[str, int] = {}
+        self.queued = 0
+        self.queue_wait_ns = 0
+        self.max_queue_wait_ns = 0
+        self.max_waiting = len(self.waiting)
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -242,6 +262,13 @@ class MockApp:
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
             "open_connections": self.open_connections,
+            "slots": self.spec.slots,
+            "running": self.running,
+            "waiting": len(self.waiting),
+            "max_waiting": self.max_waiting,
+            "queued": self.queued,
+            "queue_wait_s_total": self.queue_wait_ns / 1e9,
+            "queue_wait_s_max": self.max_queue_wait_ns / 1e9,
             "logged": len(self.log),
             "log_size": self.log.maxlen,
             "cpu_s": time.process_time(),
@@ -249,6 +276,40 @@ class MockApp:
             "pid": os.getpid(),
             "spec": self.spec.to_string(),
         }
+
+    # -- the capacity model: slots and the FIFO queue ----------------------------------------
+
+    def admit(self, stream: _Stream) -> None:
+        """Start ``stream`` now if a slot is free (or slots are unlimited), else queue it."""
+        slots = self.spec.slots
+        if slots and (self.running >= slots or self.waiting):
+            self.waiting.append(stream)
+            self.max_waiting = max(self.max_waiting, len(self.waiting))
+            stream.queue()
+            return
+        self._start(stream, stream.rec.received_ns)  # no wait: its schedule runs from receipt
+
+    def _start(self, stream: _Stream, now: int) -> None:
+        self.running += 1
+        rec = stream.rec
+        rec.admitted_ns = now
+        wait = now - rec.received_ns
+        if wait > 0 and self.spec.slots:
+            self.queued += 1
+            self.queue_wait_ns += wait
+            self.max_queue_wait_ns = max(self.max_queue_wait_ns, wait)
+        stream.begin(now)
+
+    def release(self) -> None:
+        """A generating request ended: its slot goes to the longest waiting request."""
+        self.running -= 1
+        slots = self.spec.slots
+        now = perf_counter_ns()
+        while self.waiting and (not slots or self.running < slots):
+            stream = self.waiting.popleft()
+            if stream.done:  # its client left while it waited
+                continue
+            self._start(stream, now)
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -412,6 +473,7 @@ class MockApp:
                     "image_url_not_supported",
                 )
             prefill_ns += round(spec.image_prefill_ns * image["width"] * image["height"] / 1e6)
+        prefill_ns += spec.prefill_per_token_ns * rec.prompt_tokens
 
         prefix = "chatcmpl-" if chat else "cmpl-"
         rec.response_id = f"{prefix}{self.id_prefix}{rec.id:x}"
@@ -423,11 +485,9 @@ class MockApp:
             stream_options.get("include_usage")
         )
         stream = _Stream(self, conn, rec, spec, chat, n_tokens, fault, prefill_ns)
-        if req.get("stream") is True:
-            rec.stream = True
-            stream.start_stream(include_usage)
-        else:
-            stream.start_whole()
+        rec.stream = req.get("stream") is True
+        stream.include_usage = include_usage
+        self.admit(stream)
 
     def _http_fault(self, conn: _Connection, rec: RequestLog, fault: str) -> None:
         if fault == "http_500_text":
@@ -519,7 +579,9 @@ class _Stream:
         "fault",
         "fault_pos",
         "handle",
+        "holds_slot",
         "i",
+        "include_usage",
         "n_chunks",
         "n_tokens",
         "offset",
@@ -558,6 +620,39 @@ class _Stream:
         self.tail = b""
         self.handle: asyncio.TimerHandle | None = None
         self.done = False
+        self.holds_slot = False
+        self.include_usage = False
+
+    def queue(self) -> None:
+        """Wait for a slot: the connection is taken (a disconnect reaches client_gone), nothing is
+        sent yet."""
+        self.conn.busy = True
+        self.conn.stream = self
+
+    def begin(self, now: int) -> None:
+        """A slot took the request at ``now``: its schedule starts from there."""
+        self.holds_slot = True
+        self.target_ns += now - self.rec.received_ns
+        if self.rec.stream:
+            self.start_stream(self.include_usage)
+        else:
+            self.start_whole()
+
+    def _end(self) -> None:
+        self.done = True
+        if self.holds_slot:
+            self.holds_slot = False
+            self.app.release()
+        elif self.app.waiting:
+            with contextlib.suppress(ValueError):  # its client left while it waited
+                self.app.waiting.remove(self)
+
+    def _step_ns(self) -> int:
+        """One decode step now: slower with every other request generating beside this one."""
+        spec = self.spec
+        if not spec.itl_per_active_ns:
+            return spec.itl_ns
+        return spec.itl_ns + spec.itl_per_active_ns * max(0, self.app.running - 1)
 
     def _gap(self, base_ns: int) -> int:
         rng = self.rng
@@ -675,7 +770,7 @@ class _Stream:
             return
         if i < n_chunks:
             start += k
-            gap = self._gap(self.spec.itl_ns * (k if start + k <= n_tokens else n_tokens - start))
+            gap = self._gap(self._step_ns() * (k if start + k <= n_tokens else n_tokens - start))
         else:
             gap = 0
         if i == self.fault_pos and self.fault == "stall":
@@ -688,10 +783,11 @@ class _Stream:
     def start_whole(self) -> None:
         # The body leaves when the last token would have been generated.
         if self.n_chunks > 0:
+            step = self._step_ns()
             for i in range(1, self.n_chunks):
                 k = self.spec.chunk_tokens
                 count = k if (i + 1) * k <= self.n_tokens else self.n_tokens - i * k
-                self.target_ns += self._gap(self.spec.itl_ns * count)
+                self.target_ns += self._gap(step * count)
         if self.fault == "stall":
             self.target_ns += self.spec.stall_ns
         self.handle = None
@@ -753,7 +849,7 @@ class _Stream:
         conn.stream = None
         conn.busy = False
         conn.send(200, body)
-        self.done = True
+        self._end()
         self.app.close_request(rec)
         conn.resume()
 
@@ -762,7 +858,7 @@ class _Stream:
     def finish(self, *, close: bool, abort: bool = False) -> None:
         if self.done:
             return
-        self.done = True
+        self._end()
         if self.handle is not None:
             self.handle.cancel()
             self.handle = None
@@ -774,7 +870,7 @@ class _Stream:
         if self.done:
             return
         self.rec.disconnected = True
-        self.done = True
+        self._end()
         if self.handle is not None:
             self.handle.cancel()
             self.handle = None

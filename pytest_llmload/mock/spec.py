@@ -72,6 +72,14 @@ class MockSpec:
     """The model id listed by ``/v1/models`` (requests may name any model)."""
     log_size: int = 20_000
     """Most recent requests kept for ``/mock/requests``."""
+    slots: int = 0
+    """Requests generated at once, server-wide (a continuous-batching server's batch size);
+    beyond them, requests wait in a FIFO queue for a free slot. 0: unlimited, nobody waits."""
+    prefill_per_token_ns: int = 0
+    """Extra time to first token per input token (prompt words), counted from admission."""
+    itl_per_active_ns: int = 0
+    """Added to every decode step (``itl``) per other request generating at the same time: a
+    step takes ``itl + itl_per_active * (running - 1)``."""
 
     @property
     def ttft_s(self) -> float:
@@ -88,6 +96,28 @@ class MockSpec:
     @property
     def stall_s(self) -> float:
         return self.stall_ns / _NS
+
+    @property
+    def saturates(self) -> bool:
+        """Whether the capacity model is on (a slot limit or a per-active decode cost)."""
+        return self.slots > 0 or self.itl_per_active_ns > 0
+
+    def service_s(self, prompt_tokens: int = 0) -> float:
+        """Seconds one request holds its slot when every slot is busy: time to first token plus
+        the decode steps of the rest of its ``tokens`` at ``slots`` requests running."""
+        running = max(1, self.slots)
+        step = self.itl_ns + self.itl_per_active_ns * (running - 1)
+        # the first chunk comes at the time to first token; each later chunk of k tokens k steps on
+        decode = max(0, self.tokens - self.chunk_tokens) * step
+        prefill = self.ttft_ns + self.prefill_per_token_ns * prompt_tokens
+        return (prefill + decode) / _NS
+
+    def knee_rps(self, prompt_tokens: int = 0) -> float | None:
+        """The highest arrival rate the capacity model sustains: ``slots / service_s``
+        (requests/s); None without a slot limit."""
+        if self.slots <= 0:
+            return None
+        return self.slots / self.service_s(prompt_tokens)
 
     def to_string(self) -> str:
         """The spec string: the core keys always, the rest when they differ from the default.
@@ -124,6 +154,9 @@ _KEYS: tuple[tuple[str, str, str], ...] = (
     ("stall", "stall_ns", "duration"),
     ("model", "model", "model"),
     ("log_size", "log_size", "pos_int"),
+    ("slots", "slots", "nonneg_int"),
+    ("prefill_per_token", "prefill_per_token_ns", "duration"),
+    ("itl_per_active", "itl_per_active_ns", "duration"),
 )
 _ALWAYS = frozenset({"ttft", "itl", "tokens", "jitter", "chunk_tokens", "error_rate", "seed"})
 _ALIASES = {"drop_after": "fault_after"}
