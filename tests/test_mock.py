@@ -425,7 +425,8 @@ def test_chat_stream_shape(server: MockServer) -> None:
         assert word.startswith(" ") and len(word.split()) == 1
     assert finish["choices"] == [{"index": 0, "delta": {}, "finish_reason": "stop"}]
     assert usage["choices"] == []
-    assert usage["usage"] == {"prompt_tokens": 4, "completion_tokens": 8, "total_tokens": 12}
+    assert usage["usage"] == {"prompt_tokens": 4, "completion_tokens": 8, "total_tokens": 12,
+                              "prompt_tokens_details": {"cached_tokens": 0}}
     log = log_for(server, role["id"])
     assert log["completion_tokens"] == 8 == sum(log["chunk_tokens"]) == len(log["chunk_ns"])
     assert log["prompt_tokens"] == 4 and log["status"] == 200 and log["fault"] is None
@@ -453,7 +454,8 @@ def test_completions_stream_shape(server: MockServer) -> None:
     assert resp.chunks()[0]["id"].startswith("cmpl-")
     assert [len(c["choices"][0]["text"].split()) for c in content] == [1, 1, 1]
     assert finish["choices"][0]["finish_reason"] == "length" and finish["choices"][0]["text"] == ""
-    assert usage["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    assert usage["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6,
+                              "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 @pytest.mark.parametrize("key", ["max_tokens", "max_completion_tokens"])
@@ -512,7 +514,8 @@ def test_non_streaming_chat(server: MockServer) -> None:
     assert choice["message"]["role"] == "assistant"
     assert len(choice["message"]["content"].split()) == 6
     assert choice["finish_reason"] == "length"
-    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 6, "total_tokens": 8}
+    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 6, "total_tokens": 8,
+                            "prompt_tokens_details": {"cached_tokens": 0}}
     log = log_for(server, body["id"])
     # The body leaves when the last token would have: ttft + 5 * itl after receipt.
     assert_sent_at(log, [20 + 5 * 4])

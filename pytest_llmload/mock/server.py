@@ -21,7 +21,7 @@ import os
 import random
 import time
 from array import array
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any
 
 from pytest_llmload.config import ConfigError
@@ -102,8 +102,13 @@ class RequestLog:
         "max_tokens",
         "model",
         "admitted_ns",
+        "cached_tokens",
+        "ignore_eos",
+        "messages",
+        "min_tokens",
         "path",
         "prompt_tokens",
+        "reasoning_tokens",
         "received_ns",
         "response_id",
         "status",
@@ -129,6 +134,13 @@ class RequestLog:
         self.finish_reason: str | None = None
         self.response_id: str | None = None
         self.disconnected = False
+        self.cached_tokens = 0
+        """Leading prompt tokens found in the prefix cache."""
+        self.reasoning_tokens = 0
+        self.ignore_eos = False
+        self.min_tokens: int | None = None
+        self.messages: Any = None
+        """The request's messages (or prompt), each text cut at LOGGED_TEXT characters."""
         self.admitted_ns: int | None = None
         """When a slot took the request (``received_ns`` when it never waited); None if it was
         answered without generating, or its client left while it waited."""
@@ -160,6 +172,11 @@ class RequestLog:
             "disconnected": self.disconnected,
             "admitted_ns": self.admitted_ns,
             "queue_ns": self.queue_ns,
+            "cached_tokens": self.cached_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
+            "ignore_eos": self.ignore_eos,
+            "min_tokens": self.min_tokens,
+            "messages": self.messages,
         }
 
 
@@ -188,6 +205,9 @@ class MockApp:
         """Requests holding a slot (generating), of every spec."""
         self.waiting: deque[_Stream] = deque()
         """Requests waiting for a slot, first come first served."""
+        self.prefix_blocks: OrderedDict[int, None] = OrderedDict()
+        """The prefix cache: hashes of prompt-word blocks, each chained to the blocks before it
+        (so a block hits only after the same prefix), least recently used first."""
         self.reset()
 
     def reset(self) -> None:
@@ -276,6 +296,30 @@ class MockApp:
             "pid": os.getpid(),
             "spec": self.spec.to_string(),
         }
+
+    # -- the prefix cache ---------------------------------------------------------------------
+
+    def cache_prompt(self, words: list[str], capacity: int) -> int:
+        """Look ``words`` up in the prefix cache and add their blocks: the number of leading
+        words found cached. At least the last word is always computed (as vLLM does)."""
+        if capacity <= 0 or len(words) <= PREFIX_BLOCK:
+            return 0
+        cache = self.prefix_blocks
+        h = 0
+        hit = 0
+        matching = True
+        for start in range(0, len(words) - PREFIX_BLOCK + 1, PREFIX_BLOCK):
+            h = hash((h, *words[start : start + PREFIX_BLOCK]))
+            if matching and h in cache:
+                cache.move_to_end(h)
+                if start + PREFIX_BLOCK < len(words):
+                    hit = start + PREFIX_BLOCK
+            else:
+                matching = False
+                cache[h] = None
+        while len(cache) > capacity:
+            cache.popitem(last=False)
+        return hit
 
     # -- the capacity model: slots and the FIFO queue ----------------------------------------
 
@@ -440,10 +484,14 @@ class MockApp:
             self._http_fault(conn, rec, fault)
             return
 
+        words: list[str] = []
         if chat:
-            rec.prompt_tokens = self._chat_prompt(req, rec)
+            rec.prompt_tokens = self._chat_prompt(req, rec, words)
+            rec.messages = _loggable(req.get("messages"))
         else:
-            rec.prompt_tokens = _completion_prompt(req)
+            rec.prompt_tokens = _completion_prompt(req, words)
+            rec.messages = _loggable(req.get("prompt"))
+        rec.cached_tokens = self.cache_prompt(words, spec.prefix_cache)
 
         max_tokens = req.get("max_completion_tokens")
         if max_tokens is None:
@@ -457,8 +505,12 @@ class MockApp:
         rec.max_tokens = max_tokens
         n_tokens, finish = spec.tokens, "stop"
         min_tokens = req.get("min_tokens")
+        if chat:
+            n_tokens += spec.reasoning_tokens
         if isinstance(min_tokens, int) and not isinstance(min_tokens, bool):
             n_tokens = max(n_tokens, min_tokens)
+            rec.min_tokens = min_tokens
+        rec.ignore_eos = req.get("ignore_eos") is True
         if max_tokens is not None and (req.get("ignore_eos") is True or max_tokens < n_tokens):
             n_tokens, finish = max_tokens, "length"
         if fault == "empty":
@@ -473,7 +525,7 @@ class MockApp:
                     "image_url_not_supported",
                 )
             prefill_ns += round(spec.image_prefill_ns * image["width"] * image["height"] / 1e6)
-        prefill_ns += spec.prefill_per_token_ns * rec.prompt_tokens
+        prefill_ns += spec.prefill_per_token_ns * (rec.prompt_tokens - rec.cached_tokens)
 
         prefix = "chatcmpl-" if chat else "cmpl-"
         rec.response_id = f"{prefix}{self.id_prefix}{rec.id:x}"
@@ -517,7 +569,7 @@ class MockApp:
             conn.send_error(status, f"{message} (mock fault {fault})", type_, code)
         self.close_request(rec)
 
-    def _chat_prompt(self, req: dict[str, Any], rec: RequestLog) -> int:
+    def _chat_prompt(self, req: dict[str, Any], rec: RequestLog, out: list[str]) -> int:
         messages = req.get("messages")
         if not isinstance(messages, list) or not messages:
             raise _bad_request("messages must be a non-empty list of chat messages.")
@@ -527,7 +579,9 @@ class MockApp:
                 raise _bad_request("Each chat message must be a JSON object.")
             content = message.get("content")
             if isinstance(content, str):
-                words += len(content.split())
+                split = content.split()
+                out.extend(split)
+                words += len(split)
             elif isinstance(content, list):
                 for part in content:
                     if not isinstance(part, dict):
@@ -535,7 +589,9 @@ class MockApp:
                     kind = part.get("type")
                     if kind == "text":
                         text = part.get("text")
-                        words += len(text.split()) if isinstance(text, str) else 0
+                        split = text.split() if isinstance(text, str) else []
+                        out.extend(split)
+                        words += len(split)
                     elif kind == "image_url":
                         rec.images.append(_image_part(part))
         return words
@@ -556,13 +612,36 @@ def _image_part(part: dict[str, Any]) -> dict[str, Any]:
     return {"width": None, "height": None, "bytes": None, "url": url[:2048]}
 
 
-def _completion_prompt(req: dict[str, Any]) -> int:
+#: Prompt words per prefix-cache block (vLLM's default block size is 16 tokens).
+PREFIX_BLOCK = 16
+#: Characters of each message text kept in the request log.
+LOGGED_TEXT = 4096
+
+
+def _loggable(value: Any) -> Any:
+    """The request's messages or prompt for the log, every text cut at LOGGED_TEXT characters
+    (and image data URLs left out), so a long log of long prompts stays small."""
+    if isinstance(value, str):
+        return value if len(value) <= LOGGED_TEXT else value[:LOGGED_TEXT] + "..."
+    if isinstance(value, list):
+        return [_loggable(v) for v in value[:256]]
+    if isinstance(value, dict):
+        if value.get("type") == "image_url":
+            return {"type": "image_url"}
+        return {k: _loggable(v) for k, v in value.items() if isinstance(k, str)}
+    return value
+
+
+def _completion_prompt(req: dict[str, Any], out: list[str]) -> int:
     prompt = req.get("prompt")
     if isinstance(prompt, str):
-        return len(prompt.split())
+        out.extend(prompt.split())
+        return len(out)
     if isinstance(prompt, list) and prompt:
         if all(isinstance(p, str) for p in prompt):
-            return sum(len(p.split()) for p in prompt)
+            for p in prompt:
+                out.extend(p.split())
+            return len(out)
         if all(isinstance(p, int) for p in prompt):
             return len(prompt)
     raise _bad_request("prompt must be a string or a list of strings.")
@@ -583,10 +662,13 @@ class _Stream:
         "i",
         "include_usage",
         "n_chunks",
+        "n_reasoning",
         "n_tokens",
         "offset",
         "pre",
+        "r_chunks",
         "rec",
+        "rpre",
         "rng",
         "spec",
         "suf",
@@ -608,7 +690,11 @@ class _Stream:
         self.app, self.conn, self.rec, self.spec, self.chat = app, conn, rec, spec, chat
         self.n_tokens = n_tokens
         k = spec.chunk_tokens
-        self.n_chunks = (n_tokens + k - 1) // k
+        # reasoning first, in chunks of its own; then the answer's content
+        self.n_reasoning = min(spec.reasoning_tokens, n_tokens) if chat else 0
+        rec.reasoning_tokens = self.n_reasoning
+        self.r_chunks = (self.n_reasoning + k - 1) // k
+        self.n_chunks = self.r_chunks + (n_tokens - self.n_reasoning + k - 1) // k
         self.fault = fault
         self.fault_pos = min(spec.fault_after, self.n_chunks) if fault in _MID_STREAM_FAULTS else -1
         self.rng = random.Random(spec.seed * 1_000_003 + rec.id) if spec.jitter > 0 else None
@@ -616,6 +702,7 @@ class _Stream:
         self.target_ns = rec.received_ns + prefill_ns + self._gap(spec.ttft_ns)
         self.i = 0
         self.pre = b""
+        self.rpre = b""
         self.suf = b""
         self.tail = b""
         self.handle: asyncio.TimerHandle | None = None
@@ -660,6 +747,28 @@ class _Stream:
             return base_ns
         return round(base_ns * (1.0 + self.spec.jitter * (2.0 * rng.random() - 1.0)))
 
+    def _bounds(self, i: int) -> tuple[int, int]:
+        """First token and token count of chunk ``i`` (reasoning chunks come first)."""
+        k = self.spec.chunk_tokens
+        rc = self.r_chunks
+        if i < rc:
+            start = i * k
+            return start, min(k, self.n_reasoning - start)
+        start = self.n_reasoning + (i - rc) * k
+        return start, min(k, self.n_tokens - start)
+
+    def usage(self) -> dict[str, Any]:
+        rec = self.rec
+        usage: dict[str, Any] = {
+            "prompt_tokens": rec.prompt_tokens,
+            "completion_tokens": self.n_tokens,
+            "total_tokens": rec.prompt_tokens + self.n_tokens,
+            "prompt_tokens_details": {"cached_tokens": rec.cached_tokens},
+        }
+        if self.n_reasoning:
+            usage["completion_tokens_details"] = {"reasoning_tokens": self.n_reasoning}
+        return usage
+
     def _piece(self, start: int, count: int) -> bytes:
         words, off = self.app.word_bytes, self.offset + start
         if off + count <= _TEXT_LEN:
@@ -684,6 +793,7 @@ class _Stream:
         ).encode()
         if self.chat:
             self.pre = b"data: " + head + b'[{"index":0,"delta":{"content":"'
+            self.rpre = b"data: " + head + b'[{"index":0,"delta":{"reasoning_content":"'
             self.suf = b'"},"finish_reason":null}]}\n\n'
             role = (
                 b"data: "
@@ -700,12 +810,7 @@ class _Stream:
             finish = b'[{"index":0,"text":"","logprobs":null,"finish_reason":"%s"}]}\n\n'
         tail = b"data: " + head + finish % (rec.finish_reason or "stop").encode()
         if include_usage:
-            usage = {
-                "prompt_tokens": rec.prompt_tokens,
-                "completion_tokens": self.n_tokens,
-                "total_tokens": rec.prompt_tokens + self.n_tokens,
-            }
-            tail += b"data: " + head + b'[],"usage":' + _dumps(usage) + b"}\n\n"
+            tail += b"data: " + head + b'[],"usage":' + _dumps(self.usage()) + b"}\n\n"
         if self.fault != "no_done":
             tail += b"data: [DONE]\n\n"
         self.tail = tail
@@ -749,11 +854,9 @@ class _Stream:
             conn.write_chunk(out + self.tail, True)
             self.finish(close=False)
             return
-        k = self.spec.chunk_tokens
-        n_tokens = self.n_tokens
-        start = i * k
-        count = k if start + k <= n_tokens else n_tokens - start
-        out += self.pre + self._piece(start, count) + self.suf
+        start, count = self._bounds(i)
+        pre = self.pre if i >= self.r_chunks else self.rpre
+        out += pre + self._piece(start, count) + self.suf
         i += 1
         self.i = i
         last = i == n_chunks and self.fault_pos != n_chunks
@@ -769,8 +872,7 @@ class _Stream:
             self.finish(close=not end)
             return
         if i < n_chunks:
-            start += k
-            gap = self._gap(self._step_ns() * (k if start + k <= n_tokens else n_tokens - start))
+            gap = self._gap(self._step_ns() * self._bounds(i)[1])
         else:
             gap = 0
         if i == self.fault_pos and self.fault == "stall":
@@ -785,9 +887,7 @@ class _Stream:
         if self.n_chunks > 0:
             step = self._step_ns()
             for i in range(1, self.n_chunks):
-                k = self.spec.chunk_tokens
-                count = k if (i + 1) * k <= self.n_tokens else self.n_tokens - i * k
-                self.target_ns += self._gap(step * count)
+                self.target_ns += self._gap(step * self._bounds(i)[1])
         if self.fault == "stall":
             self.target_ns += self.spec.stall_ns
         self.handle = None
@@ -809,17 +909,17 @@ class _Stream:
             rec.finish_reason = None
             self.finish(close=True, abort=fault == "drop")
             return
-        text = self._piece(0, self.n_tokens).decode()
-        usage = {
-            "prompt_tokens": rec.prompt_tokens,
-            "completion_tokens": self.n_tokens,
-            "total_tokens": rec.prompt_tokens + self.n_tokens,
-        }
+        r = self.n_reasoning
+        text = self._piece(r, self.n_tokens - r).decode()
+        usage = self.usage()
         choice: dict[str, Any]
         if self.chat:
+            message = {"role": "assistant", "content": text}
+            if r:
+                message["reasoning_content"] = self._piece(0, r).decode()
             choice = {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": message,
                 "logprobs": None,
                 "finish_reason": rec.finish_reason,
             }

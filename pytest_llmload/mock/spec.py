@@ -80,6 +80,13 @@ class MockSpec:
     itl_per_active_ns: int = 0
     """Added to every decode step (``itl``) per other request generating at the same time: a
     step takes ``itl + itl_per_active * (running - 1)``."""
+    reasoning_tokens: int = 0
+    """Tokens of reasoning (``reasoning_content`` deltas) streamed before the answer's content;
+    ``max_tokens`` caps reasoning and content together, as reasoning models count them."""
+    prefix_cache: int = 65_536
+    """Blocks of 16 prompt words the prefix cache keeps (least recently used go first); a
+    prompt's cached leading blocks skip ``prefill_per_token`` and are reported as
+    ``usage.prompt_tokens_details.cached_tokens``. 0: no cache."""
 
     @property
     def ttft_s(self) -> float:
@@ -157,6 +164,8 @@ _KEYS: tuple[tuple[str, str, str], ...] = (
     ("slots", "slots", "nonneg_int"),
     ("prefill_per_token", "prefill_per_token_ns", "duration"),
     ("itl_per_active", "itl_per_active_ns", "duration"),
+    ("reasoning_tokens", "reasoning_tokens", "nonneg_int"),
+    ("prefix_cache", "prefix_cache", "nonneg_int"),
 )
 _ALWAYS = frozenset({"ttft", "itl", "tokens", "jitter", "chunk_tokens", "error_rate", "seed"})
 _ALIASES = {"drop_after": "fault_after"}
