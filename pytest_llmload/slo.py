@@ -11,8 +11,11 @@ Grammar (case-insensitive, whitespace between the parts tolerated)::
   A distribution metric written without a statistic means its **mean** (``tpot<30ms`` is
   ``tpot.mean<30ms``);
 - ops: ``<``, ``<=``, ``>``, ``>=``;
-- units: latencies take ``us`` (or ``µs``), ``ms`` or ``s``, and a bare number is seconds;
-  ``error_rate`` takes ``%`` or a bare fraction; the other metrics take bare numbers.
+- units: latencies take ``us`` (or ``µs``), ``ms`` or ``s``, and need one (a bare ``50`` could
+  be 50 ms or 50 s; only ``0`` may go without); ``error_rate`` takes ``%`` or a bare fraction
+  below 1 (``error_rate<5`` and ``error_rate<1`` are refused: did you mean 5%?); the other
+  metrics take bare
+  numbers.
 
 This module does not import numpy (or the metrics module at run time), so the plugin can parse
 ``--llm-slo`` values while it loads.
@@ -35,6 +38,11 @@ if TYPE_CHECKING:
     from pytest_llmload.metrics import Summary
     from pytest_llmload.records import RequestRecord
 
+MSG_NEEDS_UNIT = "Invalid SLO {text!r}: add a unit, e.g. {ms}ms or {s}s."
+MSG_RATE_PERCENT = (
+    "Invalid SLO {text!r}: a bare error rate is a fraction below 1 ({number} would be "
+    "{hundredfold}%); did you mean {percent}%?"
+)
 MSG_ALL_FAILED = "every one of the {n} requests failed; the first errors:\n{errors}"
 MSG_NO_REQUESTS = (
     "the load test made no request: the test body never called llm.stream() or llm.astream()."
@@ -257,7 +265,7 @@ def parse_slo(text: str) -> SLO:
     if unit not in units and not (unit == "" and metric in _BARE_UNIT):
         accepted = [u for u in units if u]
         if metric in _BARE_UNIT:
-            accepted.append("a bare number of seconds")
+            pass  # a latency takes a unit (a bare 0 aside)
         elif metric == "error_rate":
             accepted.append("a bare fraction")
         else:
@@ -268,6 +276,16 @@ def parse_slo(text: str) -> SLO:
             f"{what} not valid for {metric}",
             f"{metric} takes {' or '.join(accepted)}",
         )
+    if unit == "" and metric in _BARE_UNIT and value != 0:
+        # 50 could be 50 ms or 50 s: a gate that guesses may never fail
+        raise _config.ConfigError(MSG_NEEDS_UNIT.format(
+            text=text, number=m.group(), ms=_num_text(value), s=_num_text(value)))
+    if unit == "" and metric == "error_rate" and value >= 1:
+        # a bare error rate is a fraction: 5 would be 500 % and 1 is 100 %, limits that no run
+        # can break (write 100% if that is really meant)
+        raise _config.ConfigError(MSG_RATE_PERCENT.format(
+            text=text, number=m.group(), percent=_num_text(value),
+            hundredfold=format_sig(value * 100, 12)))
     unit = unit or _BARE_UNIT.get(metric, "")
     limit = value / units[unit]
     if not math.isfinite(limit):

@@ -28,11 +28,11 @@ from pytest_llmload.slo import (
         ("ttft.p99<2s", "ttft", "p99", "<", 2.0, "s", "ttft.p99<2s"),
         ("  itl.p95 <= 50 ms ", "itl", "p95", "<=", 0.05, "ms", "itl.p95<=50ms"),
         ("tpot<30ms", "tpot", None, "<", 0.03, "ms", "tpot<30ms"),
-        ("e2e.p99.9 < 10", "e2e", "p99.9", "<", 10.0, "s", "e2e.p99.9<10s"),
+        ("e2e.p99.9 < 10 s", "e2e", "p99.9", "<", 10.0, "s", "e2e.p99.9<10s"),
         ("e2e . p99.90 < 1.5s", "e2e", "p99.9", "<", 1.5, "s", "e2e.p99.9<1.5s"),
         ("ttft.max<250us", "ttft", "max", "<", 250e-6, "us", "ttft.max<250us"),
         ("ttft.p50<250\u00b5s", "ttft", "p50", "<", 250e-6, "us", "ttft.p50<250us"),
-        ("ttft.mean<.5", "ttft", "mean", "<", 0.5, "s", "ttft.mean<0.5s"),
+        ("ttft.mean<.5s", "ttft", "mean", "<", 0.5, "s", "ttft.mean<0.5s"),
         ("TTFT.P99<2S", "ttft", "p99", "<", 2.0, "s", "ttft.p99<2s"),
         ("itl.p0>=0", "itl", "p0", ">=", 0.0, "s", "itl.p0>=0s"),
         ("itl.p100>=1e-3s", "itl", "p100", ">=", 1e-3, "s", "itl.p100>=0.001s"),
@@ -80,9 +80,44 @@ def test_parse_valid(
 
 def test_percent_and_fraction_are_the_same_limit() -> None:
     assert parse_slo("error_rate<1%").limit == parse_slo("error_rate<0.01").limit
-    assert parse_slo("ttft<2").limit == parse_slo("ttft<2000ms").limit == 2.0
-    # a bare latency is seconds: the same SLO as writing 's'
-    assert parse_slo("ttft.p99<2") == parse_slo("ttft.p99<2s")
+    assert parse_slo("ttft<2s").limit == parse_slo("ttft<2000ms").limit == 2.0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("itl.p95<50", "Invalid SLO 'itl.p95<50': add a unit, e.g. 50ms or 50s."),
+        ("ttft < 2", "Invalid SLO 'ttft < 2': add a unit, e.g. 2ms or 2s."),
+        (
+            "error_rate<5",
+            "Invalid SLO 'error_rate<5': a bare error rate is a fraction below 1 (5 would be "
+            "500%); did you mean 5%?",
+        ),
+        (
+            "error_rate<1",
+            "Invalid SLO 'error_rate<1': a bare error rate is a fraction below 1 (1 would be "
+            "100%); did you mean 1%?",
+        ),
+    ],
+)
+def test_limits_that_could_never_fail_are_refused(text: str, message: str) -> None:
+    """A unit-less latency (50 ms or 50 s?) and a bare error rate of 1 or more (5 = 500 %) would
+    make gates that never fail: they are refused with the fix."""
+    with pytest.raises(ConfigError) as info:
+        parse_slo(text)
+    assert str(info.value) == message
+    assert parse_slo("itl.p0>=0").limit == 0.0  # zero needs no unit
+    assert parse_slo("error_rate<100%").limit == 1.0
+
+
+def test_unitless_latency_is_a_usage_error_naming_the_option(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_x():\n    pass\n")
+    result = pytester.runpytest("--llm-slo", "itl.p95<50")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--llm-slo: Invalid SLO 'itl.p95<50': add a unit, e.g. 50ms or 50s."])
+    result = pytester.runpytest("--llm-slo", "error_rate<5")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*did you mean 5%?"])
 
 
 def test_stat_less_distribution_metric_means_mean() -> None:
@@ -133,7 +168,7 @@ def test_invalid_messages_say_what_is_accepted() -> None:
         parse_slo("ttfb<1s")
     with pytest.raises(ConfigError, match="use one of <, <=, >, >="):
         parse_slo("ttft!=1s")
-    with pytest.raises(ConfigError, match="ttft takes us or ms or s or a bare number of seconds"):
+    with pytest.raises(ConfigError, match="ttft takes us or ms or s"):
         parse_slo("ttft<1%")
     with pytest.raises(ConfigError, match="error_rate takes % or a bare fraction"):
         parse_slo("error_rate<1s")
@@ -343,6 +378,10 @@ def _expressions(draw: st.DrawFn) -> tuple[str, str, str | None, str, float, str
         stat, unit = None, ""
     op = draw(st.sampled_from(["<", "<=", ">", ">="]))
     value = draw(_NUMBER)
+    if unit == "" and kind == "latency":
+        value = 0.0  # only zero goes without a unit
+    elif unit == "" and kind == "error_rate":
+        value = draw(st.floats(min_value=0, max_value=0.99))  # a bare rate is a fraction below 1
     number = draw(st.sampled_from([repr(value), f"{value:.6f}", f"{value:e}"]))
     ws = [draw(_WS) for _ in range(4)]
     left = metric if stat is None else f"{metric}{ws[0]}.{ws[0]}{stat}"
