@@ -159,6 +159,11 @@ class StreamResult:
         return self.record.ttft
 
     @property
+    def ttfct(self) -> float | None:
+        """Time to first content token (after any reasoning)."""
+        return self.record.ttfct
+
+    @property
     def e2e(self) -> float | None:
         return self.record.e2e
 
@@ -279,6 +284,8 @@ class _Stream:
             if text is not None:
                 if text:
                     rec = self.record
+                    if rec.content_ns is None:
+                        rec.content_ns = t
                     rec.chunk_ns.append(t)
                     rec.chunk_tokens.append(1)
                     self.deltas.append(text)
@@ -324,6 +331,8 @@ class _Stream:
                 text = _tool_call_text(delta["tool_calls"])
         if text or reasoning:
             rec = self.record
+            if text and rec.content_ns is None:
+                rec.content_ns = t
             rec.chunk_ns.append(t)
             rec.chunk_tokens.append(1)
             self.deltas.append(text + reasoning)
@@ -441,6 +450,37 @@ def finish_tokens(
     record.tokens_source = TOKENS_CHUNKS
 
 
+def _usage_details(record: RequestRecord, usage: Mapping[str, Any]) -> None:
+    """Prompt tokens, cached prompt tokens and reasoning tokens from a server's usage."""
+    if isinstance(usage.get("prompt_tokens"), int):
+        record.input_tokens = usage["prompt_tokens"]
+    details = usage.get("prompt_tokens_details")
+    if isinstance(details, Mapping) and isinstance(details.get("cached_tokens"), int):
+        record.cached_tokens = details["cached_tokens"]
+    details = usage.get("completion_tokens_details")
+    if isinstance(details, Mapping) and isinstance(details.get("reasoning_tokens"), int):
+        record.reasoning_tokens = details["reasoning_tokens"]
+
+
+def prompt_text(messages: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The texts of chat messages (content strings and text parts), for counting input tokens."""
+    out: list[str] = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            out.append(content)
+        elif isinstance(content, list):
+            out.extend(
+                str(p.get("text", "")) for p in content
+                if isinstance(p, Mapping) and p.get("type") == "text"
+            )
+    return out
+
+
+#: RequestRecord fields a caller may set on the record of ``astream(..., meta=...)``.
+META_FIELDS = frozenset({"target_output_tokens", "conversation", "turn", "input_tokens"})
+
+
 class LLMClient:
     """Sends streaming chat requests and records their timings. One per endpoint per event loop."""
 
@@ -541,12 +581,14 @@ class LLMClient:
         intended_start_ns: int | None = None,
         sink: Callable[[RequestRecord], None] | None = None,
         timeout: float | None = None,
+        meta: Mapping[str, Any] | None = None,
         _warmup: bool = False,
         **kwargs: Any,
     ) -> StreamResult:
         """Send one streaming request; return its result, or raise StreamError after recording it
         as failed. Everything that is not the request itself (payload, image encoding, warm-up)
-        happens before the clock starts."""
+        happens before the clock starts. ``meta`` sets record fields (:data:`META_FIELDS`);
+        its ``input_tokens`` is the prompt's known length, kept when the server reports none."""
         if not _warmup and not self._warm:
             await self.warmup()
         messages = to_messages(messages_or_prompt)
@@ -570,6 +612,15 @@ class LLMClient:
             image=image_meta,
             wall_start=time.time(),
         )
+        known_input = None
+        if meta:
+            for key, value in meta.items():
+                if key not in META_FIELDS:
+                    raise TypeError(f"astream(meta=...) cannot set {key!r}")
+                if key == "input_tokens":
+                    known_input = value
+                else:
+                    setattr(record, key, value)
         timeout = timeout or self.timeout
         fn: Callable[[dict[str, Any], RequestRecord], Any]
         if self.transport == TRANSPORT_LITELLM:
@@ -577,7 +628,7 @@ class LLMClient:
             fn = functools.partial(self._litellm_stream, timeout=timeout)
         else:
             fn = self._sse_stream
-        return await self._run(fn, payload, record, sink or self.sink, timeout)
+        return await self._run(fn, payload, record, sink or self.sink, timeout, known_input)
 
     async def _run(
         self,
@@ -586,6 +637,7 @@ class LLMClient:
         record: RequestRecord,
         sink: Callable[[RequestRecord], None] | None,
         timeout: float,
+        known_input: int | None = None,
     ) -> StreamResult:
         state: list[Any] = []
         try:
@@ -616,6 +668,15 @@ class LLMClient:
             self._fail(record, kind, message)
         if record.end_ns is None:
             record.end_ns = time.perf_counter_ns()
+        if record.ok and record.input_tokens is None:
+            # no usage from the server: the prompt's known length, else the tokenizer's count
+            # (after the stream, never inside it)
+            if known_input is not None:
+                record.input_tokens = known_input
+            elif self.tokenizer is not None:
+                record.input_tokens = sum(
+                    self.tokenizer.count_many(prompt_text(payload.get("messages") or ()))
+                )
         if sink is not None:
             sink(record)
         if not record.ok:
@@ -687,8 +748,8 @@ class LLMClient:
         reasoning: str,
     ) -> StreamResult:
         record.response_id = response_id
-        if usage is not None and isinstance(usage.get("prompt_tokens"), int):
-            record.input_tokens = usage["prompt_tokens"]
+        if usage is not None:
+            _usage_details(record, usage)
         if not complete:
             self._fail(
                 record, ERR_DISCONNECT,
@@ -759,6 +820,8 @@ class LLMClient:
                     [tc.model_dump() if hasattr(tc, "model_dump") else tc for tc in delta.tool_calls]
                 )
             if text or rtext:
+                if text and record.content_ns is None:
+                    record.content_ns = t
                 record.chunk_ns.append(t)
                 record.chunk_tokens.append(1)
                 deltas.append(text + rtext)

@@ -205,6 +205,27 @@ class Summary:
     error_examples: list[tuple[str, str]]
     tokens_sources: dict[str, int]
     interrupted: int
+    ttfct: Stats
+    """Time to first content token: differs from ttft when a model reasons before answering."""
+    reasoned: int
+    """Successful requests whose first output was reasoning (their ttfct > ttft)."""
+    input_tokens: Stats
+    cache_reported: int
+    """Successful requests whose server reported its prefix cache (``cached_tokens``)."""
+    cache_hits: int
+    """Of those, the requests that found some of their prompt cached."""
+    cached_tokens_total: int
+    cache_hit_rate: float | None
+    """Cached prompt tokens / prompt tokens, over the requests that reported both."""
+    targeted: int
+    """Successful requests with an output target (``--llm-output-tokens``)."""
+    short: int
+    """Of those, the ones that came back with fewer tokens than asked for."""
+    short_rate: float | None
+    conversations: int
+    """Distinct conversations (``llm.chat()``) among the records; 0 when none were used."""
+    turns: int
+    """Requests that were turns of a conversation."""
 
     @property
     def total(self) -> int:
@@ -243,6 +264,10 @@ class Summary:
             return self.stats_for(metric).count
         if metric == "error_rate":
             return self.total
+        if metric == "cache_hit_rate":
+            return self.cache_reported
+        if metric == "short_rate":
+            return self.targeted
         if metric in SCALAR_METRICS:
             return self.ok
         raise ValueError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
@@ -253,6 +278,12 @@ class Summary:
             return "no requests were recorded"
         if metric == "error_rate":
             return "no requests were recorded"
+        if metric == "cache_hit_rate":
+            return "no successful response reported usage.prompt_tokens_details.cached_tokens"
+        if metric == "short_rate":
+            return "no successful request had an output target (--llm-output-tokens)"
+        if metric == "input_tokens":
+            return "no successful request had a known input length"
         if metric in SCALAR_METRICS:
             return "the measured window is empty"
         if self.ok == 0:
@@ -291,6 +322,21 @@ class Summary:
             "errors": [{"type": t, "message": m} for t, m in self.error_examples],
             "tokens_sources": dict(self.tokens_sources),
             "interrupted_requests": self.interrupted,
+            "ttfct": self.ttfct.as_dict(),
+            "reasoned_requests": self.reasoned,
+            "input_tokens": self.input_tokens.as_dict(),
+            "prefix_cache": {
+                "requests_reporting": self.cache_reported,
+                "requests_hit": self.cache_hits,
+                "cached_tokens_total": self.cached_tokens_total,
+                "hit_rate": self.cache_hit_rate,
+            },
+            "output_target": {
+                "requests": self.targeted,
+                "short": self.short,
+                "short_rate": self.short_rate,
+            },
+            "conversations": {"conversations": self.conversations, "turns": self.turns},
         }
 
     def __repr__(self) -> str:
@@ -341,6 +387,30 @@ def summarize(records: Iterable[RequestRecord], *, slos: Sequence[SLO] = ()) -> 
     with np.errstate(divide="ignore", invalid="ignore"):
         tpot_req = np.where(has_tpot, (last - first) / NS / np.maximum(out_tok - 1, 1), np.nan)
     s.ttft = Stats(ttft_req)
+    ttfct_req = np.fromiter(
+        (r.ttfct if r.content_ns is not None else math.nan for r in ok_recs),
+        dtype=np.float64, count=n_ok,
+    )
+    s.ttfct = Stats(ttfct_req)
+    s.reasoned = sum(
+        1 for r in ok_recs if r.content_ns is not None and r.chunk_ns and r.content_ns > r.chunk_ns[0]
+    )
+    s.input_tokens = Stats(
+        np.fromiter((r.input_tokens for r in ok_recs if r.input_tokens is not None),
+                    dtype=np.float64)
+    )
+    reporting = [r for r in ok_recs if r.cached_tokens is not None and r.input_tokens]
+    s.cache_reported = len(reporting)
+    s.cache_hits = sum(1 for r in reporting if r.cached_tokens)
+    s.cached_tokens_total = sum(r.cached_tokens or 0 for r in reporting)
+    prompt_total = sum(r.input_tokens or 0 for r in reporting)
+    s.cache_hit_rate = s.cached_tokens_total / prompt_total if prompt_total else None
+    targeted = [r for r in ok_recs if r.target_output_tokens is not None]
+    s.targeted = len(targeted)
+    s.short = sum(1 for r in targeted if r.short)
+    s.short_rate = s.short / s.targeted if s.targeted else None
+    s.conversations = len({r.conversation for r in recs if r.conversation is not None})
+    s.turns = sum(1 for r in recs if r.conversation is not None)
     s.e2e = Stats(e2e_req)
     s.tpot = Stats(tpot_req)
     s.output_tokens = Stats(out_tok.astype(np.float64))
@@ -381,7 +451,7 @@ def summarize(records: Iterable[RequestRecord], *, slos: Sequence[SLO] = ()) -> 
 
     latency_slos = [slo for slo in slos if slo.metric in LATENCY_METRICS]
     good = np.ones(n_ok, dtype=bool)
-    per_request = {"ttft": ttft_req, "e2e": e2e_req, "tpot": tpot_req}
+    per_request = {"ttft": ttft_req, "e2e": e2e_req, "tpot": tpot_req, "ttfct": ttfct_req}
     for slo in latency_slos:
         if slo.metric == "itl":
             values = _segment_stat(itl_all, itl_lengths, slo.stat or DEFAULT_STAT)

@@ -50,6 +50,19 @@ class RequestRecord:
     image: dict[str, int | None] | None = None
     """``{"width", "height", "bytes"}`` of an attached image, if any."""
     interrupted: bool = False
+    content_ns: int | None = None
+    """Arrival of the first chunk carrying answer content (or tool-call text), as opposed to
+    reasoning; the same instant as the first output chunk when nothing reasoned first."""
+    cached_tokens: int | None = None
+    """Prompt tokens the server took from its prefix cache (``usage.prompt_tokens_details``)."""
+    reasoning_tokens: int | None = None
+    """Reasoning tokens among the output (``usage.completion_tokens_details``)."""
+    target_output_tokens: int | None = None
+    """The output length asked for with EOS ignored (``--llm-output-tokens``)."""
+    conversation: str | None = None
+    """Id of the conversation (``llm.chat()``) this request is a turn of."""
+    turn: int | None = None
+    """The turn's index in its conversation, from 0."""
 
     @property
     def last_ns(self) -> int:
@@ -71,6 +84,20 @@ class RequestRecord:
         if not self.chunk_ns:
             return None
         return (self.chunk_ns[0] - self.start_ns) / NS
+
+    @property
+    def ttfct(self) -> float | None:
+        """Time to first content token: send -> first chunk of the answer (after reasoning)."""
+        if self.content_ns is None:
+            return None
+        return (self.content_ns - self.start_ns) / NS
+
+    @property
+    def short(self) -> bool | None:
+        """Whether a successful request with an output target got fewer tokens than asked."""
+        if self.target_output_tokens is None or not self.ok:
+            return None
+        return self.output_tokens < self.target_output_tokens
 
     @property
     def e2e(self) -> float | None:
@@ -144,6 +171,13 @@ class RequestRecord:
             "worker": self.worker,
             "image": self.image,
             "interrupted": self.interrupted,
+            "ttfct": self.ttfct,
+            "cached_tokens": self.cached_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
+            "target_output_tokens": self.target_output_tokens,
+            "short": self.short,
+            "conversation": self.conversation,
+            "turn": self.turn,
         }
 
     @classmethod
@@ -168,13 +202,17 @@ class RequestRecord:
         image = d.get("image")
         if image is not None and not isinstance(image, dict):
             raise ValueError(f"image is not an object: {image!r}")
-        input_tokens = d.get("input_tokens")
-        if input_tokens is not None and (
-            not isinstance(input_tokens, int) or isinstance(input_tokens, bool)
-        ):
-            raise ValueError(f"input_tokens is not a whole number: {input_tokens!r}")
+        def whole(key: str) -> int | None:
+            v = d.get(key)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+                raise ValueError(f"{key} is not a whole number: {v!r}")
+            return v
+
+        input_tokens = whole("input_tokens")
         start = ns(d.get("start")) or origin_ns
         chunks = d.get("chunks") or []
+        ttfct = d.get("ttfct")
+        content_ns = None if ttfct is None else start + round(float(ttfct) * NS)
         return cls(
             start_ns=start,
             intended_start_ns=ns(d.get("intended_start")),
@@ -192,4 +230,10 @@ class RequestRecord:
             worker=text("worker"),
             image=image,
             interrupted=bool(d.get("interrupted", False)),
+            content_ns=content_ns,
+            cached_tokens=whole("cached_tokens"),
+            reasoning_tokens=whole("reasoning_tokens"),
+            target_output_tokens=whole("target_output_tokens"),
+            conversation=text("conversation"),
+            turn=whole("turn"),
         )

@@ -119,7 +119,10 @@ def format_table(
             lines.append("  no latency figures: no request succeeded")
     else:
         cells = [["", *_TABLE_STATS, "n"]]
-        for label, name in _TABLE_ROWS:
+        rows = _TABLE_ROWS
+        if s.reasoned:  # reasoning came first: time to the answer's first token as well
+            rows = (rows[0], ("TTFCT", "ttfct"), *rows[1:])
+        for label, name in rows:
             st: Stats = getattr(s, name)
             cells.append(
                 [f"{label} (ms)", *(_ms(getattr(st, k)) for k in _TABLE_STATS), str(st.count)]
@@ -140,6 +143,7 @@ def format_table(
                 f", goodput {_rate(s.goodput, 'req/s')} ({s.good}/{s.ok} met the latency SLOs)"
             )
         lines.append(throughput)
+    lines.extend(_workload_lines(s))
     if s.schedule_lag.count:
         open_loop = f"  open loop: schedule lag p99 {_ms(s.schedule_lag.p99)} ms"
         if s.ttft_from_intended.count:
@@ -165,6 +169,38 @@ def format_table(
                 lines.append(f"    {kind}: {_one_line(message)}")
     usable = _usable_secrets(secrets)
     return [_redact(line, usable) for line in lines]
+
+
+def _workload_lines(s: Summary) -> list[str]:
+    """What the workload features measured: reasoning, conversations, lengths, the cache."""
+    lines = []
+    if s.reasoned:
+        lines.append(
+            f"  reasoning: {s.reasoned}/{s.ok} responses reasoned first; TTFT is the first "
+            "output token of any kind, TTFCT the first content token"
+        )
+    if s.conversations:
+        lines.append(
+            f"  conversations: the schedule counted {_plural(s.conversations, 'conversation')}"
+            f" ({_plural(s.turns, 'turn')}, one request each)"
+        )
+    if s.input_tokens.count and s.ok:
+        lines.append(
+            f"  tokens per request: input mean {format_sig(s.input_tokens.mean or 0)} "
+            f"(p50 {format_sig(s.input_tokens.p50 or 0)}, max {format_sig(s.input_tokens.max or 0)})"
+            f", output mean {format_sig(s.output_tokens.mean or 0)}"
+        )
+    if s.targeted:
+        lines.append(
+            f"  output length: {s.short}/{s.targeted} came up short of their target "
+            f"({_pct(s.short_rate)})"
+        )
+    if s.cache_reported:
+        lines.append(
+            f"  prefix cache: {_pct(s.cache_hit_rate)} of prompt tokens cached; "
+            f"{s.cache_hits}/{s.cache_reported} requests hit"
+        )
+    return lines
 
 
 def format_requests_line(
@@ -489,5 +525,8 @@ def junit_properties(summary: Summary) -> list[tuple[str, object]]:
         ("requests_failed", s.failed),
         ("output_tokens_per_s", _round(s.output_throughput)),
         ("requests_per_s", _round(s.request_throughput)),
+        ("ttfct_p99_s", _round(s.ttfct.p99) if s.reasoned else None),
+        ("cache_hit_rate", _round(s.cache_hit_rate)),
+        ("short_rate", _round(s.short_rate)),
     ]
     return [(name, value) for name, value in figures if value is not None]

@@ -4,8 +4,9 @@ Grammar (case-insensitive, whitespace between the parts tolerated)::
 
     ttft.p99 < 2s      itl.p95<=50ms      tpot<30ms      error_rate<1%      goodput>=4
 
-- metrics: ``ttft``, ``itl``, ``tpot``, ``e2e`` (seconds), ``output_tokens`` (per request) take a
-  statistic; ``error_rate`` (fraction or %), ``output_throughput`` (tokens/s),
+- metrics: ``ttft``, ``itl``, ``tpot``, ``e2e``, ``ttfct`` (seconds), ``output_tokens`` and
+  ``input_tokens`` (per request) take a statistic; ``error_rate``, ``cache_hit_rate`` and
+  ``short_rate`` (fraction or %), ``output_throughput`` (tokens/s),
   ``request_throughput`` and ``goodput`` (requests/s) are single figures and take none;
 - stats: ``mean``, ``min``, ``max`` and any percentile ``pNN`` / ``pNN.N`` from p0 to p100.
   A distribution metric written without a statistic means its **mean** (``tpot<30ms`` is
@@ -49,16 +50,21 @@ MSG_NO_REQUESTS = (
 )
 
 #: Per-request latencies in seconds. They count towards goodput.
-LATENCY_METRICS: tuple[str, ...] = ("ttft", "itl", "tpot", "e2e")
+#: ``ttfct`` (time to first content token) differs from ``ttft`` when a model reasons first.
+LATENCY_METRICS: tuple[str, ...] = ("ttft", "itl", "tpot", "e2e", "ttfct")
 #: Metrics with one sample per request (or per token, for itl): they take a statistic.
-DISTRIBUTION_METRICS: tuple[str, ...] = (*LATENCY_METRICS, "output_tokens")
+DISTRIBUTION_METRICS: tuple[str, ...] = (*LATENCY_METRICS, "output_tokens", "input_tokens")
 #: Single figures for the whole test: they take no statistic.
 SCALAR_METRICS: tuple[str, ...] = (
     "error_rate",
     "output_throughput",
     "request_throughput",
     "goodput",
+    "cache_hit_rate",
+    "short_rate",
 )
+#: Single figures that are fractions: a bare fraction or a percentage.
+FRACTION_METRICS: tuple[str, ...] = ("error_rate", "cache_hit_rate", "short_rate")
 METRICS: tuple[str, ...] = (*DISTRIBUTION_METRICS, *SCALAR_METRICS)
 OPS: tuple[str, ...] = ("<", "<=", ">", ">=")
 #: Statistic used when a distribution metric is written without one.
@@ -69,7 +75,8 @@ _LATENCY_UNITS = {"us": 1e6, "ms": 1e3, "s": 1.0}
 _UNITS: dict[str, dict[str, float]] = {
     **{m: _LATENCY_UNITS for m in LATENCY_METRICS},
     "output_tokens": {"": 1.0},
-    "error_rate": {"": 1.0, "%": 100.0},
+    "input_tokens": {"": 1.0},
+    **{m: {"": 1.0, "%": 100.0} for m in FRACTION_METRICS},
     "output_throughput": {"": 1.0},
     "request_throughput": {"": 1.0},
     "goodput": {"": 1.0},
@@ -231,7 +238,7 @@ def parse_slo(text: str) -> SLO:
             raise _fail(
                 text,
                 f"{metric} is a single figure and takes no statistic",
-                f"write e.g. '{metric}{op}{'1%' if metric == 'error_rate' else '10'}'",
+                f"write e.g. '{metric}{op}{'1%' if metric in FRACTION_METRICS else '10'}'",
             )
         if stat_text in ("mean", "min", "max"):
             stat = stat_text
@@ -266,7 +273,7 @@ def parse_slo(text: str) -> SLO:
         accepted = [u for u in units if u]
         if metric in _BARE_UNIT:
             pass  # a latency takes a unit (a bare 0 aside)
-        elif metric == "error_rate":
+        elif metric in FRACTION_METRICS:
             accepted.append("a bare fraction")
         else:
             accepted.append("a bare number")

@@ -294,9 +294,12 @@ def test_without_usage_a_tokenizer_counts_each_delta_once_else_chunks_count(
     spy = SpyTokenizer(real)
     (result,), (rec,) = stream(mock, tokenizer=spy, **no_usage)
     assert result.usage is None and len(rec.chunk_ns) == n_chunks
-    # every delta encoded exactly once, after the stream; never the accumulated text
-    assert len(spy.seen) == n_chunks and "".join(spy.seen) == result.text
-    counts = real.count_many(spy.seen)
+    # every delta encoded exactly once, after the stream; never the accumulated text; then the
+    # prompt, once, for the record's input tokens (the server reported none)
+    deltas, prompt = spy.seen[:n_chunks], spy.seen[n_chunks:]
+    assert "".join(deltas) == result.text
+    assert prompt == [PROMPT] and rec.input_tokens == real.count(prompt[0])
+    counts = real.count_many(deltas)
     assert rec.tokens_source == "tokenizer"
     assert rec.output_tokens == sum(counts) >= TOKENS > n_chunks
     assert list(rec.chunk_tokens) == [max(1, c) for c in counts]

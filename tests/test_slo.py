@@ -164,7 +164,7 @@ def test_parse_invalid_names_the_wrong_part(text: str, fragment: str) -> None:
 
 
 def test_invalid_messages_say_what_is_accepted() -> None:
-    with pytest.raises(ConfigError, match="the metrics are ttft, itl, tpot, e2e, output_tokens"):
+    with pytest.raises(ConfigError, match="the metrics are ttft, itl, tpot, e2e, ttfct, output_tokens, input_tokens"):
         parse_slo("ttfb<1s")
     with pytest.raises(ConfigError, match="use one of <, <=, >, >="):
         parse_slo("ttft!=1s")
