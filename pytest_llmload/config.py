@@ -87,6 +87,8 @@ LOAD_KEYS: tuple[str, ...] = (
     "seed",
     "include_image",
     "randomize_image_dimensions",
+    "server_metrics",
+    "server_metrics_interval",
 )
 
 DEFAULT_REQUESTS = 50
@@ -335,6 +337,13 @@ def parse_mock(value: object, option: str = "--llm-mock") -> MockSpec:
     return _delegate(parse_mock_spec, value, option)
 
 
+def parse_server_metrics(value: object, option: str = "--llm-server-metrics") -> str:
+    """``auto``, ``off`` or the URL of a Prometheus ``/metrics`` (see ``servermetrics``)."""
+    from .servermetrics import parse_server_metrics as parse
+
+    return parse(value, option)
+
+
 def parse_model(value: object, option: str = "--llm-model") -> str:
     """A litellm model string (``openai/x``, ``hosted_vllm/x`` ...) or ``mock``: no whitespace."""
     if isinstance(value, str):
@@ -426,6 +435,9 @@ class LoadSettings:
     slo: tuple[SLO, ...] = ()
     include_image: bool = False
     randomize_image_dimensions: bool = False
+    server_metrics: str = "auto"
+    """``auto``, ``off`` or the URL of the server's Prometheus ``/metrics``."""
+    server_metrics_interval: float = 1.0
 
     @property
     def closed_loop(self) -> bool:
@@ -663,4 +675,8 @@ def resolve_settings(
         slo=tuple(slos),
         include_image=include_image,
         randomize_image_dimensions=randomize_image,
+        server_metrics=src.get("server_metrics", parse_server_metrics, "auto"),
+        server_metrics_interval=src.get(
+            "server_metrics_interval", parse_duration, 1.0
+        ),
     )

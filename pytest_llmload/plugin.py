@@ -21,13 +21,14 @@ if TYPE_CHECKING:
     from .client import Endpoint
     from .config import LoadSettings
     from .mock import MockServer
+    from .servermetrics import Target
     from .session import LLM, LoadResult, Runner
 
 MARKER = "llm_load"
 MARKER_HELP = (
     "llm_load(*, requests=50, rps=5, concurrency=None, arrival='poisson', duration=None, "
     "warmup=0, timeout=60, max_tokens=None, slo=(), seed=None, include_image=False, "
-    "randomize_image_dimensions=False): run the test body once per scheduled request under "
+    "randomize_image_dimensions=False, server_metrics='auto', server_metrics_interval=1): run the test body once per scheduled request under "
     "load and gate its latency SLOs (pytest-llmload)."
 )
 ENV_API_KEY = "LLMLOAD_API_KEY"
@@ -70,7 +71,8 @@ def _parsers() -> dict[str, Callable[[object, str], object]]:
         "timeout": c.parse_duration, "max_tokens": c.parse_count, "tokenizer": c.parse_tokenizer,
         "slo": lambda v, o: c.parse_slo_list(v, o), "mock": c.parse_mock,
         "include_image": c.parse_bool, "randomize_image_dimensions": c.parse_bool,
-        "transport": c.parse_transport,
+        "transport": c.parse_transport, "server_metrics": c.parse_server_metrics,
+        "server_metrics_interval": c.parse_duration,
     }
 
 
@@ -111,6 +113,11 @@ OPTIONS = (
          "OpenAI-compatible providers, litellm for the others), 'sse' (the lean reader; the "
          "endpoint must speak OpenAI's wire format) or 'litellm' (litellm.acompletion, e.g. to "
          "compare the two). Default: 'auto'.", "KIND"),
+    _Opt("server_metrics", "the server's Prometheus metrics, scraped during each load test: "
+         "'auto' (the endpoint's /metrics beside its base URL, if it answers with Prometheus "
+         "text), 'off', or the URL of its /metrics. Default: 'auto'.", "URL|auto|off"),
+    _Opt("server_metrics_interval", "how often the server's metrics are scraped during a load "
+         "test (also once before and once after). Default: 1s.", "S"),
 )
 _OPT = {o.key: o for o in OPTIONS}
 
@@ -155,7 +162,7 @@ def _ini_type(o: _Opt) -> Any:
 
 #: Ini keys a TOML file may give as a native whole number, or any number (``llm_rps = 2.5``).
 _INI_INTS = frozenset({"requests", "concurrency", "seed", "warmup", "max_tokens"})
-_INI_NUMBERS = frozenset({"rps", "duration", "timeout"})
+_INI_NUMBERS = frozenset({"rps", "duration", "timeout", "server_metrics_interval"})
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -192,6 +199,8 @@ class _State:
     """An xdist worker under --dist each: it drives a share of every load test and the
     controller gates the SLOs on the merged figures (see xdist.py)."""
     error_log: Any = None
+    server_targets: dict[str, Target] = field(default_factory=dict)
+    """Each ``/metrics`` URL probed this session, and what it answered: tried once."""
 
 
 _state_key: pytest.StashKey[_State] = pytest.StashKey()
@@ -453,16 +462,39 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
 
     state = pyfuncitem.config.stash[_state_key]
     progress = _ProgressLine(pyfuncitem)
+    server = _server_target(state, settings, llm_obj)
     try:
         outcome = run_load_test(
             pyfuncitem, settings, llm_obj, worker_index=state.worker_index,
             worker_count=state.worker_count, progress=progress.show,
-            start_at=start_barrier(pyfuncitem.config, pyfuncitem.nodeid),
+            start_at=start_barrier(pyfuncitem.config, pyfuncitem.nodeid), server=server,
         )
     finally:
         progress.done()
     pyfuncitem.stash[_outcome_key] = outcome
     return True
+
+
+def _server_target(state: _State, settings: LoadSettings, llm_obj: LLM) -> Target | None:
+    """The ``/metrics`` this load test scrapes (probed once per session per URL), or None: off,
+    no base URL to look beside (a hosted provider), or a worker under ``--dist each`` other than
+    the first (one scraper is enough for a server all workers share)."""
+    from .servermetrics import OFF, metrics_url, probe
+
+    choice = settings.server_metrics
+    if choice == OFF or state.worker_index != 0:
+        return None
+    if choice == "auto":
+        base = llm_obj.endpoint.api_base
+        if not base:
+            return None
+        url = metrics_url(base)
+    else:
+        url = choice
+    target = state.server_targets.get(url)
+    if target is None:
+        target = state.server_targets[url] = probe(url)
+    return target
 
 
 class _ProgressLine:
@@ -612,7 +644,18 @@ def pytest_terminal_summary(
             from .merge import workers_line
 
             tr.write_line(f"  {workers_line(result.summary.workers)}")
+        if result.server is not None and result.server.scrapes:
+            for line in result.server.summary_lines():
+                tr.write_line(line)
         tr.write_line("")
+    # a server without usable /metrics is one note for the run, not one per test
+    unscraped = dict.fromkeys(
+        r.server.note for r in loads if r.server is not None and not r.server.scrapes
+        and r.server.note
+    )
+    for note in unscraped:
+        tr.write_line(f"server metrics: none, {note}; no server figures in this run "
+                      "(--llm-server-metrics URL to name another, or off).")
     if plain:
         if loads:
             tr.write_line("Requests of tests without llm_load:")
@@ -643,11 +686,13 @@ def write_report(path: str, state: _State, *, interrupted: bool) -> None:
         for k, v in {**{k: v for k, v in state.ini.items()},
                      **{k: v for k, v in state.cli.items() if v is not None}}.items()
     }
-    tests = [
-        test_entry(r.nodeid, r.summary, r.slo_results, r.records, r.origin_ns,
-                   transport=r.transport, load=r.load, interrupted=r.interrupted)
-        for r in state.results
-    ]
+    tests = []
+    for r in state.results:
+        entry = test_entry(r.nodeid, r.summary, r.slo_results, r.records, r.origin_ns,
+                           transport=r.transport, load=r.load, interrupted=r.interrupted)
+        if r.server is not None:
+            entry["server_metrics"] = r.server.as_dict(r.origin_ns)
+        tests.append(entry)
     write_json_report(path, config=config, tests=tests, secrets=[s for s in secrets if s],
                       interrupted=interrupted)
 

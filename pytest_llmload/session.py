@@ -30,6 +30,7 @@ from .records import RequestRecord
 
 if TYPE_CHECKING:
     from .metrics import Summary
+    from .servermetrics import ServerMetrics, Target
     from .slo import SLOResult
     from .tokens import Tokenizer
 
@@ -82,6 +83,9 @@ class LoadResult:
     worker: str | None = None
     interrupted: bool = False
     """The run was interrupted (Ctrl-C) during this test: its records are the ones so far."""
+    server: ServerMetrics | None = None
+    """The server's own metrics scraped during the load; None when not scraped (off, or a
+    worker that left the scraping to another)."""
 
 
 class Runner:
@@ -162,6 +166,8 @@ class LLM:
         self._records_lock = threading.Lock()
         self.interrupted = False
         """Set when Ctrl-C stopped this test's load."""
+        self.server_metrics: ServerMetrics | None = None
+        """The server's metrics scraped during this test's load, if any."""
 
     @property
     def endpoint(self) -> Endpoint:
@@ -340,9 +346,12 @@ def run_load_test(
     worker_count: int = 1,
     progress: Callable[[str], None] | None = None,
     start_at: Callable[[], Awaitable[int]] | None = None,
+    server: Target | None = None,
 ) -> LoadOutcome:
     """Run the marked body of ``item`` once per scheduled request. Returns the engine's outcome;
-    the records are in ``llm.records``. ``start_at``: as in :func:`~.engine.run_load`."""
+    the records are in ``llm.records``. ``start_at``: as in :func:`~.engine.run_load`.
+    ``server``: the ``/metrics`` to scrape around and during the load (``llm.server_metrics``
+    gets what was scraped, or the note of a target that did not answer)."""
     runner = llm._runner
     fn = item.obj
     kwargs = {name: item.funcargs[name] for name in item._fixtureinfo.argnames}
@@ -363,6 +372,16 @@ def run_load_test(
     threads = None if is_async else ThreadPoolExecutor(
         max_workers=plan.my_concurrency or DEFAULT_SYNC_THREADS, thread_name_prefix="llm_load"
     )
+    scraper = None
+    if server is not None:
+        from .servermetrics import Scraper, ServerMetrics
+
+        if server.ok:
+            scraper = Scraper(server, settings.server_metrics_interval)
+        else:
+            llm.server_metrics = ServerMetrics(
+                server.url, settings.server_metrics_interval, note=server.note
+            )
     counts = {"done": 0, "failed": 0, "in_flight": 0}
     verdicts: list[BaseException] = []
 
@@ -410,6 +429,9 @@ def run_load_test(
         await runner.client.warmup()
         if images is not None:
             await images.prime()
+        if scraper is not None:
+            # the scrape before the load, after the warm-up; a blocking GET, so off the loop
+            await asyncio.get_running_loop().run_in_executor(None, scraper.start)
 
         def on_progress(p: Any) -> None:
             counts.update(done=p.done, failed=p.failed, in_flight=p.in_flight)
@@ -453,6 +475,8 @@ def run_load_test(
             threads.shutdown(wait=False, cancel_futures=True)
         if images is not None:
             images.close()
+        if scraper is not None:
+            llm.server_metrics = scraper.stop()  # the scrape after the load
 
 
 def _cut_at_bound(records: Sequence[RequestRecord], bound: float) -> None:
@@ -473,6 +497,7 @@ def build_result(
     load: bool,
     worker: str | None = None,
     interrupted: bool = False,
+    server: ServerMetrics | None = None,
 ) -> LoadResult:
     """Summarise ``records`` and check the test's SLOs on them: a worker's own test, or the
     controller's merge of every worker's share."""
@@ -491,11 +516,12 @@ def build_result(
         settings=settings,
         outcome=outcome,
         summary=summary,
-        slo_results=evaluate(slos, summary) if slos else [],
+        slo_results=evaluate(slos, summary, server) if slos else [],
         transport=transport,
         load=load,
         worker=worker,
         interrupted=interrupted,
+        server=server,
     )
 
 
@@ -513,6 +539,7 @@ def summarize_test(
         nodeid, records, settings, outcome,
         transport=", ".join(transports) or llm._runner.client.transport,
         load=settings is not None, worker=worker, interrupted=llm.interrupted,
+        server=llm.server_metrics,
     )
 
 

@@ -11,12 +11,16 @@ Grammar (case-insensitive, whitespace between the parts tolerated)::
 - stats: ``mean``, ``min``, ``max`` and any percentile ``pNN`` / ``pNN.N`` from p0 to p100.
   A distribution metric written without a statistic means its **mean** (``tpot<30ms`` is
   ``tpot.mean<30ms``);
-- ops: ``<``, ``<=``, ``>``, ``>=``;
+- ops: ``<``, ``<=``, ``>``, ``>=``, ``==``;
 - units: latencies take ``us`` (or ``µs``), ``ms`` or ``s``, and need one (a bare ``50`` could
   be 50 ms or 50 s; only ``0`` may go without); ``error_rate`` takes ``%`` or a bare fraction
   below 1 (``error_rate<5`` and ``error_rate<1`` are refused: did you mean 5%?); the other
   metrics take bare
-  numbers.
+  numbers;
+- the server's own figures, scraped from its Prometheus ``/metrics``:
+  ``server.<name>.<stat>`` (``server.preemptions.delta==0``, ``server.kv_cache_usage.max<0.95``,
+  ``server.waiting.max<10``), a gauge's stat ``min``, ``mean``, ``max`` or ``last``, a counter's
+  ``delta`` or ``rate``; a bare number, or ``%`` (``95%`` is 0.95).
 
 This module does not import numpy (or the metrics module at run time), so the plugin can parse
 ``--llm-slo`` values while it loads.
@@ -38,6 +42,7 @@ from pytest_llmload import config as _config
 if TYPE_CHECKING:
     from pytest_llmload.metrics import Summary
     from pytest_llmload.records import RequestRecord
+    from pytest_llmload.servermetrics import ServerMetrics
 
 MSG_NEEDS_UNIT = "Invalid SLO {text!r}: add a unit, e.g. {ms}ms or {s}s."
 MSG_RATE_PERCENT = (
@@ -66,7 +71,13 @@ SCALAR_METRICS: tuple[str, ...] = (
 #: Single figures that are fractions: a bare fraction or a percentage.
 FRACTION_METRICS: tuple[str, ...] = ("error_rate", "cache_hit_rate", "short_rate")
 METRICS: tuple[str, ...] = (*DISTRIBUTION_METRICS, *SCALAR_METRICS)
-OPS: tuple[str, ...] = ("<", "<=", ">", ">=")
+OPS: tuple[str, ...] = ("<", "<=", ">", ">=", "==")
+#: ``server.<name>.<stat>``: a figure of the server's own metrics (see servermetrics.py).
+SERVER_PREFIX = "server."
+#: Statistics of server figures: a gauge's (min, mean, max, last), a counter's (delta, rate).
+SERVER_STATS: tuple[str, ...] = ("min", "mean", "max", "last", "delta", "rate")
+_SERVER_NAME = re.compile(r"[a-z_:][a-z0-9_:]*")
+_SERVER_UNITS = {"": 1.0, "%": 100.0}
 #: Statistic used when a distribution metric is written without one.
 DEFAULT_STAT = "mean"
 
@@ -159,7 +170,14 @@ class SLO:
         None for single-figure metrics."""
         if self.metric in SCALAR_METRICS:
             return None
+        if self.is_server:
+            return self.stat
         return self.stat or DEFAULT_STAT
+
+    @property
+    def is_server(self) -> bool:
+        """A figure of the server's own metrics (``server.waiting.max``)."""
+        return self.metric.startswith(SERVER_PREFIX)
 
     @property
     def label(self) -> str:
@@ -178,11 +196,13 @@ class SLO:
             return observed <= limit or close
         if self.op == ">":
             return observed > limit and not close
+        if self.op == "==":
+            return observed == limit or close
         return observed >= limit or close
 
     def format_value(self, value: float, digits: int = 3) -> str:
         """A figure in SI units shown in this SLO's unit: ``61.2 ms``, ``3.5%``, ``12 req/s``."""
-        divisor = _UNITS[self.metric].get(self.unit, 1.0)
+        divisor = _UNITS.get(self.metric, _SERVER_UNITS).get(self.unit, 1.0)
         text = format_sig(value * divisor, digits)
         if self.unit == "%":
             return f"{text}%"
@@ -219,6 +239,9 @@ def parse_slo(text: str) -> SLO:
         raise _fail(text, f"{op!r} is not a comparison", f"use one of {', '.join(OPS)}")
     left, right = s[: run.start()].strip(), s[run.end() :].strip()
 
+    if left.startswith(SERVER_PREFIX):
+        return _parse_server(text, left, op, right)
+
     # -- METRIC[.STAT]
     metric, dot, stat_text = left.partition(".")
     metric, stat_text = metric.strip(), stat_text.strip()
@@ -254,19 +277,7 @@ def parse_slo(text: str) -> SLO:
             stat = f"p{_num_text(q)}"
 
     # -- VALUE[UNIT]
-    m = _NUMBER.match(right)
-    if m is None:
-        raise _fail(
-            text,
-            f"the limit {right!r} is not a number"
-            if right
-            else "it has no limit after the comparison",
-            "write a non-negative number such as 2, 0.5 or 50ms",
-        )
-    value = float(m.group())
-    if not math.isfinite(value):
-        raise _fail(text, f"the limit {m.group()!r} is too large", "write a finite number")
-    unit = right[m.end() :].strip()
+    value, number, unit = _limit(text, right)
     unit = _UNIT_ALIASES.get(unit, unit)
     units = _UNITS[metric]
     if unit not in units and not (unit == "" and metric in _BARE_UNIT):
@@ -286,21 +297,66 @@ def parse_slo(text: str) -> SLO:
     if unit == "" and metric in _BARE_UNIT and value != 0:
         # 50 could be 50 ms or 50 s: a gate that guesses may never fail
         raise _config.ConfigError(MSG_NEEDS_UNIT.format(
-            text=text, number=m.group(), ms=_num_text(value), s=_num_text(value)))
+            text=text, number=number, ms=_num_text(value), s=_num_text(value)))
     if unit == "" and metric == "error_rate" and value >= 1:
         # a bare error rate is a fraction: 5 would be 500 % and 1 is 100 %, limits that no run
         # can break (write 100% if that is really meant)
         raise _config.ConfigError(MSG_RATE_PERCENT.format(
-            text=text, number=m.group(), percent=_num_text(value),
+            text=text, number=number, percent=_num_text(value),
             hundredfold=format_sig(value * 100, 12)))
     unit = unit or _BARE_UNIT.get(metric, "")
     limit = value / units[unit]
     if not math.isfinite(limit):
-        raise _fail(text, f"the limit {m.group()!r} is too large", "write a finite number")
+        raise _fail(text, f"the limit {number!r} is too large", "write a finite number")
 
     label = metric if stat is None else f"{metric}.{stat}"
     expr = f"{label}{op}{_num_text(value)}{unit}"
     return SLO(expr=expr, metric=metric, stat=stat, op=op, limit=limit, unit=unit)
+
+
+def _limit(text: str, right: str) -> tuple[float, str, str]:
+    """``VALUE[UNIT]`` -> (value, the number as written, the unit as written)."""
+    m = _NUMBER.match(right)
+    if m is None:
+        raise _fail(
+            text,
+            f"the limit {right!r} is not a number"
+            if right
+            else "it has no limit after the comparison",
+            "write a non-negative number such as 2, 0.5 or 50ms",
+        )
+    value = float(m.group())
+    if not math.isfinite(value):
+        raise _fail(text, f"the limit {m.group()!r} is too large", "write a finite number")
+    return value, m.group(), right[m.end() :].strip()
+
+
+def _parse_server(text: str, left: str, op: str, right: str) -> SLO:
+    """``server.<name>.<stat> OP VALUE[%]``; whether the server has ``<name>`` is known only once
+    it was scraped (see :func:`evaluate`)."""
+    example = "write server.<name>.<stat>, e.g. 'server.waiting.max<10' or 'server.preemptions.delta==0'"
+    name, dot, stat = left[len(SERVER_PREFIX) :].rpartition(".")
+    name, stat = name.strip(), stat.strip()
+    if not dot or not name:
+        raise _fail(text, "a server figure needs a name and a statistic", example)
+    if not _SERVER_NAME.fullmatch(name):
+        raise _fail(
+            text, f"{name!r} is not a metric name",
+            "a name is letters, digits, '_' and ':' (running, waiting, kv_cache_usage, "
+            "preemptions, or a raw name such as vllm:num_requests_waiting)",
+        )
+    if stat not in SERVER_STATS:
+        raise _fail(
+            text, f"unknown statistic {stat!r} for a server figure",
+            "a gauge takes min, mean, max or last; a counter takes delta or rate",
+        )
+    value, number, unit = _limit(text, right)
+    if unit not in _SERVER_UNITS:
+        raise _fail(text, f"unit {unit!r} is not valid for a server figure",
+                    "it takes a bare number or %")
+    metric = SERVER_PREFIX + name
+    return SLO(expr=f"{metric}.{stat}{op}{_num_text(value)}{unit}", metric=metric, stat=stat,
+               op=op, limit=value / _SERVER_UNITS[unit], unit=unit)
 
 
 @dataclass(frozen=True)
@@ -359,6 +415,8 @@ class SLOResult:
 def _failed_op(slo: SLO, observed: float) -> str:
     """How a failing figure relates to the limit: strictly ('>') unless it sits on it ('>=')."""
     on_limit = abs(observed - slo.limit) <= _REL_TOL * (abs(observed) + abs(slo.limit))
+    if slo.op == "==":
+        return "!="
     if slo.op[0] == "<":
         return ">=" if on_limit else ">"
     return "<=" if on_limit else "<"
@@ -376,11 +434,17 @@ def _observed_text(slo: SLO, observed: float) -> str:
     return text
 
 
-def evaluate(slos: Iterable[SLO], summary: Summary) -> list[SLOResult]:
-    """Check every SLO against ``summary``. goodput is the one ``summary`` was computed with
-    (``summarize(records, slos=...)``): pass the same SLOs to both."""
+def evaluate(
+    slos: Iterable[SLO], summary: Summary, server: ServerMetrics | None = None
+) -> list[SLOResult]:
+    """Check every SLO against ``summary`` (and ``server.*`` ones against ``server``, the
+    server's scraped metrics, None when none were). goodput is the one ``summary`` was computed
+    with (``summarize(records, slos=...)``): pass the same SLOs to both."""
     results = []
     for slo in slos:
+        if slo.is_server:
+            results.append(_evaluate_server(slo, server))
+            continue
         observed = summary.value(slo.metric, slo.effective_stat)
         count = summary.count(slo.metric)
         if observed is None:
@@ -388,6 +452,24 @@ def evaluate(slos: Iterable[SLO], summary: Summary) -> list[SLOResult]:
         else:
             results.append(SLOResult(slo, observed, slo.check(observed), count))
     return results
+
+
+MSG_SERVER_OFF = (
+    "no server metrics were scraped: server metrics are off, or the endpoint has no base URL "
+    "to find its /metrics beside (set --llm-server-metrics URL)"
+)
+
+
+def _evaluate_server(slo: SLO, server: ServerMetrics | None) -> SLOResult:
+    name = slo.metric[len(SERVER_PREFIX) :]
+    stat = slo.stat or ""
+    if server is None:
+        return SLOResult(slo, None, False, 0, MSG_SERVER_OFF)
+    why = server.missing_reason(name, stat)
+    if why is not None:
+        return SLOResult(slo, None, False, server.scrapes, why)
+    observed = server.value(name, stat)
+    return SLOResult(slo, observed, slo.check(observed), server.scrapes)
 
 
 def _first_errors(records: Sequence[RequestRecord], limit: int = 5) -> str:

@@ -199,6 +199,8 @@ def _settings_dict(s: LoadSettings) -> dict[str, Any]:
         "timeout": s.timeout, "max_tokens": s.max_tokens, "slo": [x.expr for x in s.slo],
         "include_image": s.include_image,
         "randomize_image_dimensions": s.randomize_image_dimensions,
+        "server_metrics": s.server_metrics,
+        "server_metrics_interval": s.server_metrics_interval,
     }
 
 
@@ -241,6 +243,7 @@ def to_payload(
         },
         "aligned": aligned,
         "xfail": xfail,
+        "server_metrics": None if result.server is None else result.server.as_dict(origin),
     }
 
 
@@ -261,6 +264,7 @@ def merge_payloads(nodeid: str, payloads: Sequence[dict[str, Any]], *, same_cloc
     settings = None
     transports: list[str] = []
     load = False
+    server = None
     for p in payloads:
         base = int(p["origin_ns"])
         if not same_clock and p.get("origin_wall") is not None:
@@ -280,6 +284,11 @@ def merge_payloads(nodeid: str, payloads: Sequence[dict[str, Any]], *, same_cloc
             if t and t not in transports:
                 transports.append(t)
         load |= bool(p.get("load"))
+        if server is None and p.get("server_metrics") is not None:
+            from .servermetrics import ServerMetrics
+
+            # one worker scrapes a server they all share (see plugin._server_target)
+            server = ServerMetrics.from_dict(p["server_metrics"], base)
     outcome = None
     if outcomes:
         reasons = {o.stopped_reason for o in outcomes}
@@ -294,7 +303,7 @@ def merge_payloads(nodeid: str, payloads: Sequence[dict[str, Any]], *, same_cloc
         )
     return build_result(
         nodeid, records, settings, outcome, transport=", ".join(transports), load=load,
-        worker=str(payloads[0]["worker"]) if len(payloads) == 1 else None,
+        worker=str(payloads[0]["worker"]) if len(payloads) == 1 else None, server=server,
     )
 
 

@@ -418,8 +418,10 @@ def test_load_keys_are_exactly_the_marker_keywords() -> None:
         "seed",
         "include_image",
         "randomize_image_dimensions",
+        "server_metrics",
+        "server_metrics_interval",
     }
-    assert len(LOAD_KEYS) == 12
+    assert len(LOAD_KEYS) == 14
 
 
 def test_load_settings_is_frozen() -> None:

@@ -208,6 +208,12 @@ class MockApp:
         self.prefix_blocks: OrderedDict[int, None] = OrderedDict()
         """The prefix cache: hashes of prompt-word blocks, each chained to the blocks before it
         (so a block hits only after the same prefix), least recently used first."""
+        # Prometheus counters for GET /metrics: monotonic for the server's life, never reset
+        self.success_by_reason: dict[str, int] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.prefix_queries_total = 0
+        self.prefix_hits_total = 0
         self.reset()
 
     def reset(self) -> None:
@@ -263,6 +269,9 @@ class MockApp:
             self.disconnects += 1
         if 200 <= rec.status < 300 and rec.fault is None and not rec.disconnected:
             self.ok += 1
+            if rec.path.endswith("completions"):
+                reason = rec.finish_reason or "stop"
+                self.success_by_reason[reason] = self.success_by_reason.get(reason, 0) + 1
         elif rec.status >= 400:
             self.errors += 1
         if rec.fault is not None:
@@ -321,6 +330,54 @@ class MockApp:
             cache.popitem(last=False)
         return hit
 
+    def prometheus_text(self) -> bytes:
+        """``GET /metrics``: the mock's own state in vLLM's names (Prometheus text format).
+        ``kv_cache_usage_perc`` is the share of slots in use, and only with slots; the prefix
+        cache counts prompt tokens looked up and found (with ``prefix_cache``); the mock never
+        preempts."""
+        label = '{model_name=%s}' % json.dumps(self.spec.model)
+        reasons = self.success_by_reason or {"stop": 0}
+        lines = [
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.",
+            "# TYPE vllm:num_requests_running gauge",
+            f"vllm:num_requests_running{label} {self.running}",
+            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
+            "# TYPE vllm:num_requests_waiting gauge",
+            f"vllm:num_requests_waiting{label} {len(self.waiting)}",
+        ]
+        if self.spec.slots:
+            lines += [
+                "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
+                "# TYPE vllm:kv_cache_usage_perc gauge",
+                f"vllm:kv_cache_usage_perc{label} {self.running / self.spec.slots}",
+            ]
+        lines += [
+            "# HELP vllm:num_preemptions_total Cumulative number of preemption from the engine.",
+            "# TYPE vllm:num_preemptions_total counter",
+            f"vllm:num_preemptions_total{label} 0",
+            "# HELP vllm:request_success_total Count of successfully processed requests.",
+            "# TYPE vllm:request_success_total counter",
+            *(
+                f'vllm:request_success_total{{finished_reason="{reason}",'
+                f"model_name={json.dumps(self.spec.model)}}} {n}"
+                for reason, n in sorted(reasons.items())
+            ),
+            "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.",
+            "# TYPE vllm:prompt_tokens_total counter",
+            f"vllm:prompt_tokens_total{label} {self.prompt_tokens_total}",
+            "# HELP vllm:generation_tokens_total Number of generation tokens processed.",
+            "# TYPE vllm:generation_tokens_total counter",
+            f"vllm:generation_tokens_total{label} {self.generation_tokens_total}",
+            "# HELP vllm:prefix_cache_queries_total Prefix cache queries, in tokens.",
+            "# TYPE vllm:prefix_cache_queries_total counter",
+            f"vllm:prefix_cache_queries_total{label} {self.prefix_queries_total}",
+            "# HELP vllm:prefix_cache_hits_total Prefix cache hits, in tokens.",
+            "# TYPE vllm:prefix_cache_hits_total counter",
+            f"vllm:prefix_cache_hits_total{label} {self.prefix_hits_total}",
+            "",
+        ]
+        return "\n".join(lines).encode()
+
     # -- the capacity model: slots and the FIFO queue ----------------------------------------
 
     def admit(self, stream: _Stream) -> None:
@@ -335,6 +392,7 @@ class MockApp:
 
     def _start(self, stream: _Stream, now: int) -> None:
         self.running += 1
+        self.prompt_tokens_total += stream.rec.prompt_tokens
         rec = stream.rec
         rec.admitted_ns = now
         wait = now - rec.received_ns
@@ -399,6 +457,8 @@ class MockApp:
                 if key == "since" and value.isdigit():
                     since = int(value)
             conn.send(200, _dumps([r.as_dict() for r in self.log if r.id > since]))
+        elif method == "GET" and path == "/metrics":
+            conn.send(200, self.prometheus_text(), "text/plain; version=0.0.4; charset=utf-8")
         elif method == "GET" and path == "/mock/stats":
             conn.send(200, _dumps(self.stats()))
         elif method == "POST" and path == "/mock/reset":
@@ -492,6 +552,9 @@ class MockApp:
             rec.prompt_tokens = _completion_prompt(req, words)
             rec.messages = _loggable(req.get("prompt"))
         rec.cached_tokens = self.cache_prompt(words, spec.prefix_cache)
+        if spec.prefix_cache > 0:
+            self.prefix_queries_total += rec.prompt_tokens
+            self.prefix_hits_total += rec.cached_tokens
 
         max_tokens = req.get("max_completion_tokens")
         if max_tokens is None:
@@ -865,6 +928,7 @@ class _Stream:
             out += self.tail
         rec.chunk_tokens.append(count)
         rec.completion_tokens += count
+        self.app.generation_tokens_total += count
         rec.due_ns.append(self.target_ns)
         rec.chunk_ns.append(perf_counter_ns())
         conn.write_chunk(out, end)
@@ -942,6 +1006,7 @@ class _Stream:
         if fault in ("malformed", "badjson"):
             body = body[: len(body) // 2]
         rec.completion_tokens = self.n_tokens
+        self.app.generation_tokens_total += self.n_tokens
         if self.n_tokens:
             rec.chunk_tokens.append(self.n_tokens)
             rec.due_ns.append(self.target_ns)
