@@ -228,7 +228,8 @@ def map_known(samples: Mapping[str, tuple[str, dict[str, float]]]) -> dict[str, 
     out: dict[str, tuple[str, float]] = {}
     for m in KNOWN:
         for source in m.sources:
-            got = samples.get(source)
+            # the parser names a counter's samples NAME_total even where the wire says NAME
+            got = samples.get(source) or samples.get(source + "_total")
             if got is None or not got[1]:
                 continue
             values = list(got[1].values())
@@ -525,12 +526,18 @@ class ServerMetrics:
             st = s.stats(self.times_ns)
             if st["mean"] is None:
                 continue
+            if " / " in s.source:  # derived from two counters: its value over the whole test
+                lines.append(f"    {s.name:<22} {_num(st['last'])} over the test")
+                continue
             lines.append(f"    {s.name:<22} min {_num(st['min'])}  mean {_num(st['mean'])}  "
                          f"max {_num(st['max'])}")
         moved = [(s.name, s.stat("delta", self.times_ns)) for s in counters]
         shown = [f"{n} +{_num(d)}" for n, d in moved if d is not None]
         if shown:
-            lines.append("    counters: " + ", ".join(shown))
+            import textwrap
+
+            lines.extend(textwrap.wrap(", ".join(shown), 96, initial_indent="    counters: ",
+                                       subsequent_indent="      "))
         if self.note:
             lines.append(f"    note: {self.note}")
         return lines
