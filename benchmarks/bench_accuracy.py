@@ -93,7 +93,8 @@ async def _child_reference(base_url: str, n: int) -> dict[str, Any]:
 
 
 async def _child_engine(base_url: str, n: int, transport: str, driver: str) -> dict[str, Any]:
-    from pytest_llmload.client import Endpoint, LLMClient, StreamError
+    from pytest_llmload.client import LLMClient, StreamError
+    from pytest_llmload.endpoint import Endpoint
     from pytest_llmload.records import RequestRecord
 
     sink: list[RequestRecord] = []

@@ -15,10 +15,11 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn, TextIO
 
-from .config import ConfigError
-from .merge import MSG_NOT_OVERLAPPING, merge_reports, source_labels, workers_line
-from .report import format_table, read_json_report, test_entry, write_json_report
-from .slo import SLO, parse_slo, verdict
+from .errors import ConfigError
+from .merge import MSG_NOT_OVERLAPPING, merge_reports, source_labels
+from .report import format_table, read_json_report, workers_line, write_json_report
+from .result import failure_message, result_to_dict
+from .slo import SLO, parse_slo
 
 PROG = "python -m pytest_llmload"
 EXIT_OK = 0
@@ -61,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fail(message: str, err: TextIO) -> int:
+def _bad_input(message: str, err: TextIO) -> int:
     err.write(f"{PROG} merge: error: {message}\n")
     return EXIT_BAD_INPUT
 
@@ -84,33 +85,32 @@ def merge_command(
             sources.append((label, read_json_report(path)))
         tests = merge_reports(sources, slos)
     except ConfigError as exc:  # ReportError is one
-        return _fail(str(exc), err)
+        return _bad_input(str(exc), err)
     if not tests:
-        return _fail(MSG_NO_TESTS, err)
+        return _bad_input(MSG_NO_TESTS, err)
 
     counts = ", ".join(f"{label} ({len(t)} tests)" for label, t in sources)
     out.write(f"LLM load: {len(tests)} tests merged from {len(sources)} reports: {counts}\n\n")
-    failures: list[tuple[str, list[str]]] = []
+    failures: list[tuple[str, str]] = []
     entries = []
     for test in tests:
-        summary, results = test.summarize()
+        result = test.result
         for line in format_table(
-            test.nodeid, summary, results, transport=test.transport, interrupted=test.interrupted
+            result.nodeid, result.summary, result.slo_results, transport=result.transport,
+            interrupted=result.interrupted,
+            load=result.settings.describe() if result.settings is not None else None,
         ):
             out.write(line + "\n")
-        workers = workers_line(summary.workers)
+        workers = workers_line(result.summary.workers)
         if workers:
             out.write(f"  {workers}\n")
         if not test.overlapping:
             out.write(f"  note: {MSG_NOT_OVERLAPPING}\n")
         out.write("\n")
-        failed = verdict(test.records, results, load=test.load)
-        if failed:
-            failures.append((test.nodeid, failed))
-        entries.append(
-            test_entry(test.nodeid, summary, results, test.records, transport=test.transport,
-                       interrupted=test.interrupted, load=test.load)
-        )
+        why = failure_message(result)
+        if why:
+            failures.append((result.nodeid, why))
+        entries.append(result_to_dict(result))
 
     if report is not None:
         try:
@@ -118,17 +118,16 @@ def merge_command(
                 report,
                 config={"merged_from": list(paths), "slo": [s.expr for s in slos]},
                 tests=entries,
-                interrupted=any(t.interrupted for t in tests),
+                interrupted=any(t.result.interrupted for t in tests),
             )
         except OSError as exc:
-            return _fail(f"cannot write the merged report {report!r}: {exc.strerror or exc}.", err)
+            return _bad_input(f"cannot write the merged report {report!r}: {exc.strerror or exc}.", err)
         out.write(f"merged report written to {report}\n")
 
-    for nodeid, messages in failures:
+    for nodeid, why in failures:
         out.write(f"FAILED {nodeid}\n")
-        for message in messages:
-            for line in message.splitlines():
-                out.write(f"  {line}\n")
+        for line in why.splitlines():
+            out.write(f"  {line}\n")
     overall = (
         f"{len(failures)} of {len(tests)} tests failed on the merged data"
         if failures

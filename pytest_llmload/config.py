@@ -1,4 +1,4 @@
-"""Option values: pure parsers (no pytest) and the resolved settings of one load test.
+"""Option values: one pure parser (no pytest) per kind of value an option takes.
 
 Values arrive as ``str`` from the command line and ini files, or as native Python values (int,
 float, bool, list, None) from ``llm_load(...)`` marker keywords. Every parser accepts both and
@@ -7,7 +7,8 @@ option, the value and what is accepted. The plugin turns that into a ``pytest.Us
 
 This module is imported when the plugin loads, so it stays cheap: standard library only, and the
 parsers that belong to other modules (SLOs, arrivals, tokenizers, mock specs) are imported inside
-the functions that delegate to them.
+the functions that call them, each naming the option itself. The registry of options is
+:mod:`.options`; the settings of one load test, resolved from these values, are :mod:`.settings`.
 """
 
 from __future__ import annotations
@@ -15,21 +16,18 @@ from __future__ import annotations
 import math
 import numbers
 import re
-import zlib
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Generic, TypeVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from . import grammar
+from .endpoint import TRANSPORTS
+from .errors import ConfigError, expected, show
+from .grammar import to_float, to_int
 
 if TYPE_CHECKING:
     from .engine import Arrival
     from .mock.spec import MockSpec
     from .slo import SLO
-
-T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A bad option, ini or marker value. The message is a whole sentence for the user."""
 
 
 # -- what each option accepts (the tail of every error sentence) ------------------------------
@@ -59,171 +57,21 @@ EXPECT_TRANSPORT = (
     "sse or litellm"
 )
 
-MSG_POSITIONAL = (
-    "llm_load takes keyword arguments only (e.g. llm_load(requests=100, rps=10)), "
-    "got positional arguments {args}."
-)
-MSG_UNKNOWN_KEY = "llm_load got an unknown keyword {key!r}{hint}; it accepts {accepted}."
-MSG_NO_RATE_NO_CAP = (
-    "{option}: no rate limit ({value!r}) needs a concurrency to make a closed loop; set "
-    "concurrency (llm_load(concurrency=...), --llm-concurrency or llm_concurrency) or give a rate."
-)
-MSG_NO_COUNT_NO_DURATION = (
-    "{option}: got None, which means running for a duration, but no duration is set "
-    "(llm_load(duration=...), --llm-duration or llm_duration); give a duration or a request count."
-)
-
-#: The keywords ``@pytest.mark.llm_load(...)`` accepts, in the order the docs list them.
-LOAD_KEYS: tuple[str, ...] = (
-    "requests",
-    "rps",
-    "concurrency",
-    "arrival",
-    "duration",
-    "warmup",
-    "timeout",
-    "max_tokens",
-    "slo",
-    "seed",
-    "include_image",
-    "randomize_image_dimensions",
-    "server_metrics",
-    "server_metrics_interval",
-)
-
-DEFAULT_REQUESTS = 50
-DEFAULT_RPS = 5.0
-DEFAULT_TIMEOUT = 60.0
-DEFAULT_WARMUP = 0
-
-_MAX_SHOWN = 200
-
-
-# -- helpers ------------------------------------------------------------------------------------
-
-
-def _show(value: object) -> str:
-    """``repr(value)`` for a message: bounded in length, and never failing (a huge int's repr
-    raises ValueError in Python >= 3.11)."""
-    try:
-        text = repr(value)
-    except Exception:  # noqa: BLE001 - a marker value is any object; its __repr__ may fail
-        if isinstance(value, int):
-            return f"<an integer of {value.bit_length()} bits>"
-        return f"<a {type(value).__name__}>"
-    if len(text) > _MAX_SHOWN:
-        text = text[: _MAX_SHOWN - 3] + "..."
-    return text
-
-
-def _error(option: str, expected: str, value: object) -> ConfigError:
-    return ConfigError(f"{option}: expected {expected}, got {_show(value)}.")
-
-
-_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
-_INTEGER = re.compile(r"[+-]?[0-9]+")
-
-
-def _to_float(value: object) -> float | None:
-    """A finite-or-not float from a plain number or decimal text; None for anything else.
-
-    Text is held to a plain decimal literal so that Python's extras ('nan', '1_000', non-ASCII
-    digits) don't slip through ``float()``."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, str):
-        text = value.strip()
-        if not _NUMBER.fullmatch(text):
-            return None
-        return float(text)  # an overlong exponent gives inf or 0.0, which callers reject
-    if isinstance(value, numbers.Real):
-        try:
-            return float(value)
-        except (OverflowError, ValueError):
-            return None
-    return None
-
-
-def _to_int(value: object) -> int | None:
-    """An int from an integral number (not bool) or decimal integer text; None for anything else."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, str):
-        text = value.strip()
-        if not _INTEGER.fullmatch(text):
-            return None
-        try:
-            return int(text)
-        except ValueError:  # more digits than Python will convert
-            return None
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    return None
-
-
-_OPTION_PREFIX = re.compile(r"(?:--llm-[\w-]+|llm_load\(\w+=\.\.\.\)|llm_\w+(?: \(ini\))?): ")
-
-
-def _delegate(parse: Callable[..., T], value: object, option: str) -> T:
-    """Run another module's parser (``parse(value)`` or ``parse(value, option=...)``) and make sure
-    its error names ``option`` (a marker keyword, a CLI option or an ini key)."""
-    import inspect
-
-    try:
-        takes_option = "option" in inspect.signature(parse).parameters
-    except (TypeError, ValueError):
-        takes_option = False
-    try:
-        return parse(value, option=option) if takes_option else parse(value)
-    except ValueError as exc:  # ConfigError, or a parser that forgot to say ConfigError
-        message = str(exc)
-        if isinstance(exc, ConfigError) and message.startswith(f"{option}: "):
-            raise
-        prefix = _OPTION_PREFIX.match(message)  # another option's name: say ours instead
-        if prefix:
-            message = message[prefix.end() :]
-        raise ConfigError(f"{option}: {message}") from exc
-
-
 # -- parsers ------------------------------------------------------------------------------------
-
-_DURATION = re.compile(
-    r"(?P<number>[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)\s*(?P<unit>[a-zµ]*)",
-    re.IGNORECASE,
-)
-_UNIT_SECONDS = {
-    "": 1.0,
-    "us": 1e-6,
-    "µs": 1e-6,
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "min": 60.0,
-    "h": 3600.0,
-}
-
 
 def parse_duration(value: object, option: str = "--llm-duration") -> float:
     """A positive, finite duration in seconds: ``30``, ``0.5``, ``"30s"``, ``"500ms"``,
     ``"250us"``, ``"2m"``, ``"1.5h"``. A bare number is seconds."""
-    seconds: float | None
-    if isinstance(value, str):
-        match = _DURATION.fullmatch(value.strip())
-        unit = match["unit"].lower() if match else None
-        if match is None or unit not in _UNIT_SECONDS:
-            raise _error(option, EXPECT_DURATION, value)
-        seconds = float(match["number"]) * _UNIT_SECONDS[unit]
-    else:
-        seconds = _to_float(value)
+    seconds = grammar.seconds(value)
     if seconds is None or not math.isfinite(seconds) or seconds <= 0:
-        raise _error(option, EXPECT_DURATION, value)
+        raise expected(option, EXPECT_DURATION, value)
     return seconds
 
 
-def _whole(value: object, option: str, expected: str, minimum: int | None) -> int:
-    number = _to_int(value)
+def _whole(value: object, option: str, accepted: str, minimum: int | None) -> int:
+    number = to_int(value)
     if number is None or (minimum is not None and number < minimum):
-        raise _error(option, expected, value)
+        raise expected(option, accepted, value)
     return number
 
 
@@ -257,11 +105,11 @@ def parse_rate(value: object, option: str = "--llm-rps") -> float | None:
         return None
     if isinstance(value, str) and value.strip().lower() in _NO_RATE:
         return None
-    rate = _to_float(value)
+    rate = to_float(value)
     if rate == math.inf and not isinstance(value, str):
         return None  # a native inf says "no limit"; text reaches here only as an overflow
     if rate is None or not math.isfinite(rate) or rate <= 0:
-        raise _error(option, EXPECT_RATE, value)
+        raise expected(option, EXPECT_RATE, value)
     return rate
 
 
@@ -281,7 +129,7 @@ def parse_bool(value: object, option: str = "--llm-include-image") -> bool:
             return False
     elif isinstance(value, numbers.Integral) and int(value) in (0, 1):
         return bool(int(value))
-    raise _error(option, EXPECT_BOOL, value)
+    raise expected(option, EXPECT_BOOL, value)
 
 
 def parse_slo_list(value: object, option: str = "--llm-slo") -> tuple[SLO, ...]:
@@ -295,16 +143,16 @@ def parse_slo_list(value: object, option: str = "--llm-slo") -> tuple[SLO, ...]:
     elif isinstance(value, (list, tuple)):
         items = value
     else:
-        raise _error(option, EXPECT_SLO, value)
+        raise expected(option, EXPECT_SLO, value)
     parsed: list[SLO] = []
     for item in items:
         if isinstance(item, SLO):
             parsed.append(item)
         elif isinstance(item, str):
-            parsed.append(_delegate(parse_slo, item, option))
+            parsed.append(parse_slo(item, option))
         else:
             raise ConfigError(
-                f"{option}: expected {EXPECT_SLO}, got {_show(item)} in {_show(value)}."
+                f"{option}: expected {EXPECT_SLO}, got {show(item)} in {show(value)}."
             )
     return tuple(parsed)
 
@@ -315,8 +163,8 @@ def parse_arrival(value: object, option: str = "--llm-arrival") -> Arrival:
     from .engine import parse_arrival as engine_parse_arrival
 
     if not isinstance(value, (str, Arrival)):
-        raise _error(option, EXPECT_ARRIVAL, value)
-    return _delegate(engine_parse_arrival, value, option)
+        raise expected(option, EXPECT_ARRIVAL, value)
+    return engine_parse_arrival(value, option)
 
 
 def parse_tokenizer(value: object, option: str = "--llm-tokenizer") -> str:
@@ -324,8 +172,8 @@ def parse_tokenizer(value: object, option: str = "--llm-tokenizer") -> str:
     from .tokens import parse_tokenizer_spec
 
     if not isinstance(value, str):
-        raise _error(option, EXPECT_TOKENIZER, value)
-    return _delegate(parse_tokenizer_spec, value, option)
+        raise expected(option, EXPECT_TOKENIZER, value)
+    return parse_tokenizer_spec(value, option)
 
 
 def parse_mock(value: object, option: str = "--llm-mock") -> MockSpec:
@@ -333,15 +181,36 @@ def parse_mock(value: object, option: str = "--llm-mock") -> MockSpec:
     from .mock.spec import MockSpec, parse_mock_spec
 
     if not isinstance(value, (str, MockSpec)):
-        raise _error(option, EXPECT_MOCK, value)
-    return _delegate(parse_mock_spec, value, option)
+        raise expected(option, EXPECT_MOCK, value)
+    return parse_mock_spec(value, option)
+
+
+#: ``--llm-server-metrics`` values besides a URL (see ``servermetrics``).
+SERVER_METRICS_AUTO = "auto"
+SERVER_METRICS_OFF = "off"
+EXPECT_SERVER_METRICS = (
+    "'auto' (the endpoint's /metrics beside its base URL, if it answers), 'off', or the "
+    "http:// or https:// URL of a Prometheus /metrics"
+)
 
 
 def parse_server_metrics(value: object, option: str = "--llm-server-metrics") -> str:
-    """``auto``, ``off`` or the URL of a Prometheus ``/metrics`` (see ``servermetrics``)."""
-    from .servermetrics import parse_server_metrics as parse
-
-    return parse(value, option)
+    """``auto``, ``off`` (also false/no/none) or an http(s) URL with a host."""
+    if isinstance(value, bool) and not value:
+        return SERVER_METRICS_OFF
+    if isinstance(value, str):
+        text = value.strip()
+        low = text.lower()
+        if low == SERVER_METRICS_AUTO:
+            return SERVER_METRICS_AUTO
+        if low in (SERVER_METRICS_OFF, "false", "no", "none", "0"):
+            return SERVER_METRICS_OFF
+        if "://" in text:
+            try:
+                return parse_api_base(text, option)
+            except ConfigError:
+                pass
+    raise expected(option, EXPECT_SERVER_METRICS, value)
 
 
 def parse_model(value: object, option: str = "--llm-model") -> str:
@@ -350,18 +219,16 @@ def parse_model(value: object, option: str = "--llm-model") -> str:
         text = value.strip()
         if text and not any(ch.isspace() for ch in text):
             return text
-    raise _error(option, EXPECT_MODEL, value)
+    raise expected(option, EXPECT_MODEL, value)
 
 
-#: ``--llm-transport`` values; ``sse`` and ``litellm`` are ``client.TRANSPORT_SSE`` / ``_LITELLM``.
-TRANSPORTS = ("auto", "sse", "litellm")
 
 
 def parse_transport(value: object, option: str = "--llm-transport") -> str:
     """``auto``, ``sse`` or ``litellm`` (any case): how requests are streamed and timed."""
     if isinstance(value, str) and value.strip().lower() in TRANSPORTS:
         return value.strip().lower()
-    raise _error(option, EXPECT_TRANSPORT, value)
+    raise expected(option, EXPECT_TRANSPORT, value)
 
 
 #: ``user:password@`` at the start of a URL's authority, with or without ``scheme://`` before it.
@@ -374,309 +241,33 @@ def parse_api_base(value: object, option: str = "--llm-api-base") -> str:
     from urllib.parse import urlsplit
 
     if not isinstance(value, str):
-        raise _error(option, EXPECT_API_BASE, value)
+        raise expected(option, EXPECT_API_BASE, value)
     # never echo a password, even in an error
     shown = _CREDENTIALS.sub(lambda m: (m[1] or "") + "***@", value, count=1)
     text = value.strip()
     if not text or any(ch.isspace() for ch in text):
-        raise _error(option, EXPECT_API_BASE, shown)
+        raise expected(option, EXPECT_API_BASE, shown)
     try:
         parts = urlsplit(text)
         has_credentials = parts.username is not None or parts.password is not None
     except ValueError:
-        raise _error(option, EXPECT_API_BASE, shown) from None
+        raise expected(option, EXPECT_API_BASE, shown) from None
     if has_credentials:
         raise ConfigError(
             f"{option}: expected {EXPECT_API_BASE} without credentials in it (pass the key with "
-            f"--llm-api-key or the environment), got {_show(shown)}."
+            f"--llm-api-key or the environment), got {show(shown)}."
         )
     try:
         host = parts.hostname
         parts.port  # noqa: B018 - validates the port (raises ValueError when out of range)
     except ValueError:
-        raise _error(option, EXPECT_API_BASE, shown) from None
+        raise expected(option, EXPECT_API_BASE, shown) from None
     if parts.scheme.lower() not in ("http", "https"):
         if "://" in text:
             why = f"which has the scheme {parts.scheme!r}"
         else:
             why = f"which has no scheme (did you mean {'http://' + shown.strip()!r}?)"
-        raise ConfigError(f"{option}: expected {EXPECT_API_BASE}, got {_show(shown)}, {why}.")
+        raise ConfigError(f"{option}: expected {EXPECT_API_BASE}, got {show(shown)}, {why}.")
     if not host:
-        raise _error(option, EXPECT_API_BASE, shown)
+        raise expected(option, EXPECT_API_BASE, shown)
     return text
-
-
-# -- settings of one load test ------------------------------------------------------------------
-
-
-def _default_arrival() -> Arrival:
-    from .engine import Arrival
-
-    return Arrival()
-
-
-@dataclass(frozen=True)
-class LoadSettings:
-    """Everything that shapes one load test, resolved from marker, CLI, ini and defaults.
-
-    ``requests`` None means "run for ``duration``"; with both, whichever ends first.
-    ``rps`` None means a closed loop of ``concurrency``; with a rate, ``concurrency`` caps the
-    requests in flight."""
-
-    requests: int | None = DEFAULT_REQUESTS
-    rps: float | None = DEFAULT_RPS
-    concurrency: int | None = None
-    arrival: Arrival = field(default_factory=_default_arrival)
-    seed: int = 0
-    duration: float | None = None
-    warmup: int = DEFAULT_WARMUP
-    timeout: float = DEFAULT_TIMEOUT
-    max_tokens: int | None = None
-    slo: tuple[SLO, ...] = ()
-    include_image: bool = False
-    randomize_image_dimensions: bool = False
-    server_metrics: str = "auto"
-    """``auto``, ``off`` or the URL of the server's Prometheus ``/metrics``."""
-    server_metrics_interval: float = 1.0
-
-    @property
-    def closed_loop(self) -> bool:
-        return self.rps is None
-
-    def describe(self) -> str:
-        """One line for the report header and the summary table, e.g.
-        ``50 requests at 5 req/s (poisson), concurrency <= 32`` or
-        ``closed loop of 32, 500 requests``."""
-        if self.requests is not None and self.duration is not None:
-            amount = (
-                f"{_plural(self.requests, 'request')} or {_fmt_duration(self.duration)}, "
-                "whichever ends first"
-            )
-        elif self.requests is not None:
-            amount = _plural(self.requests, "request")
-        else:
-            amount = f"requests for {_fmt_duration(self.duration or 0.0)}"
-        if self.rps is None:
-            loop = f"closed loop of {self.concurrency or 1}, {amount}"
-        elif self.arrival.kind == "batch":
-            # the engine runs batch as bursts of ``rps`` requests that wait for their slowest
-            loop = f"{amount} in bursts of {_fmt_number(self.rps)} per second (batch)"
-            if self.concurrency is not None:
-                loop += f", concurrency <= {self.concurrency}"
-        else:
-            loop = f"{amount} at {_fmt_number(self.rps)} req/s ({self.arrival})"
-            if self.concurrency is not None:
-                loop += f", concurrency <= {self.concurrency}"
-        if self.warmup:
-            loop += f", after {_plural(self.warmup, 'warm-up request')}"
-        if self.include_image:
-            size = "1024 wide, 100-1024 high" if self.randomize_image_dimensions else "1024x512"
-            loop += f", with an image each ({size})"
-        return loop
-
-
-def _plural(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
-def _fmt_number(x: float) -> str:
-    return f"{x:.6g}"
-
-
-def _fmt_duration(seconds: float) -> str:
-    if seconds < 1:
-        return f"{seconds * 1000:.4g} ms"
-    if seconds < 120:
-        return f"{seconds:.4g} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.4g} min"
-    return f"{seconds / 3600:.4g} h"
-
-
-#: Keys where a marker's ``None`` means "none" (no cap, no duration ...) rather than a bad value.
-_NULLABLE = frozenset({"requests", "rps", "concurrency", "duration", "max_tokens"})
-
-
-def marker_option(key: str) -> str:
-    """How an error names a marker keyword: ``llm_load(rps=...)``."""
-    return f"llm_load({key}=...)"
-
-
-def cli_option(key: str) -> str:
-    """How an error names a command-line option: ``--llm-max-tokens``."""
-    return "--llm-" + key.replace("_", "-")
-
-
-def ini_option(key: str) -> str:
-    """How an error names an ini key: ``llm_max_tokens (ini)``."""
-    return f"llm_{key} (ini)"
-
-
-def check_marker(args: Sequence[object], kwargs: Mapping[str, object]) -> None:
-    """Refuse positional arguments and unknown keywords of an ``llm_load`` marker."""
-    if args:
-        raise ConfigError(MSG_POSITIONAL.format(args=_show(tuple(args))))
-    for key in kwargs:
-        if key not in LOAD_KEYS:
-            import difflib
-
-            close = difflib.get_close_matches(str(key), LOAD_KEYS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(
-                MSG_UNKNOWN_KEY.format(key=key, hint=hint, accepted=", ".join(LOAD_KEYS))
-            )
-
-
-@dataclass(frozen=True)
-class _Found(Generic[T]):
-    value: T | None
-    raw: object
-    option: str
-
-
-class _Sources:
-    """The three layers of one test's configuration, looked up key by key by precedence."""
-
-    def __init__(
-        self,
-        marker: Mapping[str, object],
-        cli: Mapping[str, object | None],
-        ini: Mapping[str, object | None],
-    ) -> None:
-        self.marker = marker
-        self.cli = cli
-        self.ini = ini
-
-    def find(self, key: str, parse: Callable[[object, str], T]) -> _Found[T] | None:
-        """The winning value of ``key``, parsed with its own option name; None if not given."""
-        if key in self.marker:
-            raw = self.marker[key]
-            option = marker_option(key)
-            if raw is None and key in _NULLABLE:
-                return _Found(None, raw, option)
-            return _Found(parse(raw, option), raw, option)
-        for layer, option in ((self.cli, cli_option(key)), (self.ini, ini_option(key))):
-            raw = layer.get(key)
-            if raw is None or (layer is self.ini and isinstance(raw, str) and not raw.strip()):
-                continue  # not given (an unset string ini value may read as "")
-            return _Found(parse(raw, option), raw, option)
-        return None
-
-    def get(self, key: str, parse: Callable[[object, str], T], default: T) -> T:
-        found = self.find(key, parse)
-        if found is None or found.value is None:
-            return default
-        return found.value
-
-    def get_optional(self, key: str, parse: Callable[[object, str], T]) -> T | None:
-        found = self.find(key, parse)
-        return None if found is None else found.value
-
-
-def _image_settings(src: _Sources) -> tuple[bool, bool]:
-    """``(include_image, randomize_image_dimensions)``. Random heights imply images, unless
-    ``include_image`` is false at a layer at least as specific (a marker's
-    ``include_image=False`` keeps its test text-only under ``--llm-randomize-image-dimensions``)."""
-    include = src.find("include_image", parse_bool)
-    randomize = src.find("randomize_image_dimensions", parse_bool)
-    if randomize is None or not randomize.value:
-        return bool(include is not None and include.value), False
-
-    def rank(found: _Found[bool], key: str) -> int:
-        return [marker_option(key), cli_option(key), ini_option(key)].index(found.option)
-
-    if include is None or include.value:
-        return True, True
-    return rank(include, "include_image") > rank(randomize, "randomize_image_dimensions"), True
-
-
-def resolve_settings(
-    marker_kwargs: Mapping[str, object],
-    cli: Mapping[str, object | None],
-    ini: Mapping[str, object | None],
-    *,
-    test_id: str,
-    marker_args: Sequence[object] = (),
-) -> LoadSettings:
-    """The settings of one load test: per key, the marker's keyword wins over the CLI, the CLI over
-    the ini file, the ini file over the default.
-
-    ``cli`` and ``ini`` are keyed by the :data:`LOAD_KEYS` names (other keys are ignored) and hold
-    raw values (text, or what the plugin already parsed); ``None`` there means "not given". In the
-    marker, ``None`` is a value: no cap for ``concurrency``/``max_tokens``, no duration, no request
-    count (then a duration is needed), no rate (a closed loop) for ``rps``.
-
-    Rate: a marker that sets ``concurrency`` but not ``rps`` is a closed loop; with no rate given
-    anywhere and a concurrency given anywhere, a closed loop; with neither, 5 req/s. A rate of
-    "none"/"inf" needs a concurrency (the size of the closed loop).
-    Requests: with a duration and no request count anywhere, the test runs for the duration; with
-    both, whichever ends first. SLOs add up: the marker's, then the CLI's, then the ini file's,
-    de-duplicated by expression, order kept. The seed defaults to ``zlib.crc32(test_id)``, so a
-    test's schedule repeats run to run.
-    """
-    check_marker(marker_args, marker_kwargs)
-    src = _Sources(marker_kwargs, cli, ini)
-
-    concurrency = src.get_optional("concurrency", parse_concurrency)
-    duration = src.get_optional("duration", parse_duration)
-
-    rps: float | None
-    if "rps" not in marker_kwargs and marker_kwargs.get("concurrency") is not None:
-        rps = None  # a marker that sets a concurrency but no rate asks for a closed loop of it
-    else:
-        rate = src.find("rps", parse_rate)
-        if rate is not None:
-            rps = rate.value
-            if rps is None and concurrency is None:
-                raise ConfigError(MSG_NO_RATE_NO_CAP.format(option=rate.option, value=rate.raw))
-        else:
-            rps = None if concurrency is not None else DEFAULT_RPS
-
-    count = src.find("requests", parse_count)
-    requests: int | None
-    if count is None:
-        requests = None if duration is not None else DEFAULT_REQUESTS
-    else:
-        requests = count.value
-        if requests is None and duration is None:
-            raise ConfigError(MSG_NO_COUNT_NO_DURATION.format(option=count.option))
-
-    seed = src.get_optional("seed", parse_seed)
-    if seed is None:
-        seed = zlib.crc32(test_id.encode("utf-8", "surrogatepass"))
-
-    slos: list[SLO] = []
-    seen: set[str] = set()
-    for layer, option in (
-        (marker_kwargs, marker_option("slo")),
-        (cli, cli_option("slo")),
-        (ini, ini_option("slo")),
-    ):
-        raw = layer.get("slo")
-        if raw is None or (layer is ini and isinstance(raw, str) and not raw.strip()):
-            continue
-        for slo in parse_slo_list(raw, option):
-            if slo.expr not in seen:
-                seen.add(slo.expr)
-                slos.append(slo)
-
-    arrival = src.get_optional("arrival", parse_arrival)
-    include_image, randomize_image = _image_settings(src)
-    return LoadSettings(
-        requests=requests,
-        rps=rps,
-        concurrency=concurrency,
-        arrival=arrival if arrival is not None else _default_arrival(),
-        seed=seed,
-        duration=duration,
-        warmup=src.get("warmup", parse_nonneg_int, DEFAULT_WARMUP),
-        timeout=src.get("timeout", parse_duration, DEFAULT_TIMEOUT),
-        max_tokens=src.get_optional("max_tokens", parse_count),
-        slo=tuple(slos),
-        include_image=include_image,
-        randomize_image_dimensions=randomize_image,
-        server_metrics=src.get("server_metrics", parse_server_metrics, "auto"),
-        server_metrics_interval=src.get(
-            "server_metrics_interval", parse_duration, 1.0
-        ),
-    )

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import math
 import random
-import re
 import selectors
 import threading
 import time
@@ -20,7 +19,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from .config import ConfigError
+from .errors import ConfigError
+from .grammar import to_float
 
 T = TypeVar("T")
 
@@ -35,8 +35,9 @@ STOP_INTERRUPTED = "interrupted"
 @dataclass(frozen=True)
 class Arrival:
     """How requests arrive in an open loop. ``gamma`` with burstiness 1 is a Poisson process;
-    lower is burstier (vLLM's benchmark definition). ``batch`` is the seed script's closed-loop
-    burst: R requests at once, the next burst when the last one finished and a second has passed."""
+    lower is burstier (vLLM's benchmark definition). ``batch`` arrival is a closed-loop
+    burst: R requests at once, the next burst when the last one finished and a second has passed
+    (what simple load scripts call "requests per second")."""
 
     kind: str = "poisson"
     burstiness: float = 1.0
@@ -45,18 +46,15 @@ class Arrival:
         return f"gamma:{self.burstiness:g}" if self.kind == "gamma" else self.kind
 
 
-_GAMMA = re.compile(r"gamma:(?P<b>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
-
-
 def parse_arrival(value: object, option: str = "--llm-arrival") -> Arrival:
     if isinstance(value, Arrival):
         return value
     text = value.strip().lower() if isinstance(value, str) else None
     if text in ("poisson", "constant", "batch"):
         return Arrival(text)
-    if text is not None and (m := _GAMMA.fullmatch(text)):
-        b = float(m["b"])
-        if 0 < b < math.inf:
+    if text is not None and text.startswith("gamma:"):
+        b = to_float(text[len("gamma:"):])
+        if b is not None and 0 < b < math.inf:
             return Arrival("gamma", b)
     raise ConfigError(
         f"{option}: expected one of poisson, constant, gamma:<burstiness> (a positive number, "
@@ -93,8 +91,6 @@ class LoadPlan:
     seed: int = 0
     duration: float | None = None
     warmup: int = 0
-    job_timeout: float | None = None
-    """Bound on one job (a body invocation); the client bounds each request on its own."""
     deadline: float | None = None
     """Bound on the whole load test, warm-up excluded, in seconds."""
     worker_index: int = 0
@@ -176,21 +172,14 @@ class _Tracker:
         self.outcome = LoadOutcome()
         self._progress = progress
 
-    async def run(self, job: Job, ctx: JobContext, timeout: float | None) -> None:
+    async def run(self, job: Job, ctx: JobContext) -> None:
+        """Run one job; the client bounds each of its requests, the plan's deadline the whole."""
         self.in_flight += 1
         self.outcome.max_in_flight = max(self.outcome.max_in_flight, self.in_flight)
         ok = False
         try:
-            if timeout is None:
-                await job(ctx)
-            else:
-                await asyncio.wait_for(job(ctx), timeout)
+            await job(ctx)
             ok = True
-        except asyncio.TimeoutError as exc:
-            if timeout is None:  # the job's own TimeoutError, not its bound
-                self._error(f"job {ctx.index}: {type(exc).__name__}: {exc}")
-            else:
-                self._error(f"job {ctx.index} exceeded its bound of {timeout:g} s")
         except Exception as exc:  # noqa: BLE001 - a job must never take the load down with it
             self._error(f"job {ctx.index}: {type(exc).__name__}: {exc}")
         finally:
@@ -243,7 +232,7 @@ async def run_load(
         cap = plan.my_concurrency or warm
         for i in range(0, warm, cap):
             await asyncio.gather(
-                *(tracker.run(job, JobContext(-1 - j, None, True), plan.job_timeout)
+                *(tracker.run(job, JobContext(-1 - j, None, True))
                   for j in range(i, min(warm, i + cap)))
             )
 
@@ -312,10 +301,10 @@ async def _dispatch(
 
     async def capped(ctx: JobContext) -> None:
         if sem is None:
-            await tracker.run(job, ctx, plan.job_timeout)
+            await tracker.run(job, ctx)
             return
         async with sem:  # arrivals past the cap wait; the wait counts from the intended send
-            await tracker.run(job, ctx, plan.job_timeout)
+            await tracker.run(job, ctx)
 
     issued = 0
     times = arrival_times(plan.arrival, plan.rps, plan.seed)
@@ -358,7 +347,7 @@ async def _closed_loop(
         return next(counter)
 
     if plan.arrival.kind == "batch" and plan.rps is not None:
-        # The seed script's "requests per second": bursts of R that wait for their slowest request.
+        # batch arrival: bursts of R that each wait for their slowest request, a second apart
         size = plan.share(max(1, math.ceil(plan.rps)))
         if cap is not None:
             size = min(size, cap)
@@ -368,13 +357,13 @@ async def _closed_loop(
             if not batch:
                 return stopped
             await asyncio.gather(
-                *(tracker.run(job, JobContext(i, burst_start), plan.job_timeout) for i in batch)
+                *(tracker.run(job, JobContext(i, burst_start)) for i in batch)
             )
             await _sleep_until(burst_start + 1_000_000_000)
 
     async def worker() -> None:
         while (i := take()) is not None:
-            await tracker.run(job, JobContext(i, None), plan.job_timeout)
+            await tracker.run(job, JobContext(i, None))
 
     workers = cap or 1
     if total is not None:

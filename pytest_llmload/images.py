@@ -1,9 +1,8 @@
 """Images for multimodal requests, made locally before a request is timed.
 
-The seed script fetched a placeholder image from the internet inside the timed request, so the
-download counted as server latency and the same image was sent every time (a server's multimodal
-cache then skipped the vision encoder). Here every request gets its own image, generated in
-memory from a seed (a colour gradient stamped with the seed), so the pixels, not only the bytes,
+An image fetched from the internet inside the timed request would count its download as server
+latency, and the same image sent every time lets a server's multimodal cache skip the vision
+encoder. So every request gets its own image, generated in memory from a seed (a colour gradient stamped with the seed), so the pixels, not only the bytes,
 differ between requests; an :class:`ImageFeed` makes a load test's images in background threads
 before its schedule starts, so making them never shows in the timings.
 
@@ -142,7 +141,7 @@ def make_image(
 
 
 def random_height(rng: random.Random) -> int:
-    """A height drawn uniformly from 100..1024 inclusive (the seed script's range)."""
+    """A height drawn uniformly from 100..1024 inclusive (as ``--llm-randomize-image-dimensions`` promises)."""
     return rng.randint(MIN_RANDOM_HEIGHT, MAX_RANDOM_HEIGHT)
 
 
@@ -150,7 +149,7 @@ class ImageFactory:
     """One image per request index: its size reproducible from ``(seed, index)``.
 
     ``include=False`` gives no images. ``randomize=True`` keeps the width at 1024 and draws the
-    height from 100..1024, as the seed script's ``--randomize-image-dimensions`` did.
+    height from 100..1024 (``--llm-randomize-image-dimensions``).
 
     ``salt`` is mixed into the pixels only, never the sizes: the plugin passes a random salt per
     run, so the same seed repeats the heights while a server that kept last run's images (a

@@ -1,4 +1,4 @@
-"""Request records -> statistics (the glossary in DESIGN.md, computed one way only).
+"""Request records -> statistics (the definitions of docs/glossary.md, computed one way only).
 
 - Latency figures (TTFT, ITL, TPOT, E2E, latency from the intended send) and ``output_tokens``
   come from successful requests only; failed requests count in ``error_rate`` and nowhere else.
@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pytest_llmload.records import NS, RequestRecord
-from pytest_llmload.slo import (
+from .records import NS, RequestRecord
+from .slo import (
     DEFAULT_STAT,
     DISTRIBUTION_METRICS,
     LATENCY_METRICS,

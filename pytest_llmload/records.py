@@ -237,3 +237,11 @@ class RequestRecord:
             conversation=text("conversation"),
             turn=whole("turn"),
         )
+
+
+def origin_wall(records: list[RequestRecord], origin_ns: int) -> float | None:
+    """Wall-clock time of ``origin_ns``, from the first record that noted its wall send time."""
+    for r in records:
+        if r.wall_start > 0:
+            return r.wall_start - (r.start_ns - origin_ns) / NS
+    return None

@@ -16,15 +16,18 @@ import os
 import re
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
-from pytest_llmload.config import ConfigError
-from pytest_llmload.records import NS, RequestRecord
-from pytest_llmload.slo import SLOResult, format_sig
+from .errors import ReportError
+from .grammar import format_sig, plural
+from .records import NS, RequestRecord
+from .result import LoadResult, Share, share_from_dict
 
 if TYPE_CHECKING:
-    from pytest_llmload.metrics import Stats, Summary
+    from .metrics import Stats, Summary
+    from .verdict import SLOResult
 
 REPORT_VERSION = 1
 REDACTED = "***"
@@ -39,10 +42,6 @@ MAX_WALL_S = 1e11
 
 _TABLE_ROWS = (("TTFT", "ttft"), ("ITL", "itl"), ("TPOT", "tpot"), ("E2E", "e2e"))
 _TABLE_STATS = ("mean", "p50", "p90", "p99", "max")
-
-
-class ReportError(ConfigError):
-    """A JSON report that cannot be read back (missing, not JSON, wrong shape)."""
 
 
 # -- terminal table ----------------------------------------------------------------------------
@@ -76,10 +75,6 @@ def _one_line(text: str, limit: int = 160) -> str:
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
-def _plural(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
 def format_table(
     nodeid: str,
     summary: Summary,
@@ -108,7 +103,7 @@ def format_table(
     if s.total == 0:
         lines.append(f"  no requests were recorded ({where})")
     else:
-        requests = f"{_plural(s.total, 'request')}: {s.ok} ok, {s.failed} failed"
+        requests = f"{plural(s.total, 'request')}: {s.ok} ok, {s.failed} failed"
         if s.error_rate is not None:
             requests += f" (error rate {_pct(s.error_rate)})"
         lines.append(f"  {requests} in {format_sig(s.duration_s)} s, measured by {where}")
@@ -181,8 +176,8 @@ def _workload_lines(s: Summary) -> list[str]:
         )
     if s.conversations:
         lines.append(
-            f"  conversations: the schedule counted {_plural(s.conversations, 'conversation')}"
-            f" ({_plural(s.turns, 'turn')}, one request each)"
+            f"  conversations: the schedule counted {plural(s.conversations, 'conversation')}"
+            f" ({plural(s.turns, 'turn')}, one request each)"
         )
     if s.input_tokens.count and s.ok:
         lines.append(
@@ -210,7 +205,7 @@ def format_requests_line(
     ``<test id>: 1 request: TTFT 201 ms, ITL mean 20.2 ms, E2E 504 ms, 16 output tokens``.
     A grid of percentiles over one or two requests would be noise."""
     s = summary
-    head = _plural(s.total, "request")
+    head = plural(s.total, "request")
     if s.failed:
         head += ", failed" if s.total == 1 else f", {s.failed} failed"
     figures = []
@@ -220,7 +215,7 @@ def format_requests_line(
         if s.itl.count:
             figures.append(f"ITL mean {_ms(s.itl.mean)} ms")
         figures.append(f"E2E{mean} {_ms(s.e2e.mean)} ms")
-        figures.append(_plural(s.output_tokens_total, "output token"))
+        figures.append(plural(s.output_tokens_total, "output token"))
     line = f"{nodeid}: {head}"
     if figures:
         line += ": " + ", ".join(figures)
@@ -229,6 +224,60 @@ def format_requests_line(
         line += f" ({kind}: {_one_line(message, 100)})" if message else f" ({kind})"
     redacted: str = _redact(line, _usable_secrets(secrets))
     return redacted
+
+
+def natural_key(text: str) -> list[object]:
+    """Sort key that puts ``gw2`` before ``gw10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def workers_line(workers: Mapping[str, int]) -> str | None:
+    """``workers: gw0 20, gw1 20`` (requests per worker, or per report), when there were several."""
+    if len(workers) < 2:
+        return None
+    names = sorted(workers, key=natural_key)
+    return "workers: " + ", ".join(f"{name} {workers[name]}" for name in names)
+
+
+def summary_lines(results: Sequence[LoadResult], *, secrets: Iterable[str | None] = ()) -> list[str]:
+    """The terminal summary of a run: one table per load test, then one line per test without
+    ``llm_load`` that made requests (a grid of percentiles over a single request would be
+    noise)."""
+    secrets = list(secrets)
+    loads = [r for r in results if r.is_load_test]
+    plain = [r for r in results if not r.is_load_test]
+    lines: list[str] = []
+    for result in loads:
+        outcome = result.outcome
+        interrupted = result.interrupted or (
+            outcome is not None and outcome.stopped_reason == "interrupted"
+        )
+        lines.extend(format_table(
+            result.nodeid, result.summary, result.slo_results, transport=result.transport,
+            interrupted=interrupted or bool(result.summary.interrupted), secrets=secrets,
+            load=result.settings.describe() if result.settings is not None else None,
+        ))
+        workers = workers_line(result.summary.workers)
+        if workers:
+            lines.append(f"  {workers}")
+        if result.server is not None and result.server.scrapes:
+            lines.extend(result.server.summary_lines())
+        lines.append("")
+    # a server without usable /metrics is one note for the run, not one per test
+    unscraped = dict.fromkeys(
+        r.server.note for r in loads if r.server is not None and not r.server.scrapes
+        and r.server.note
+    )
+    for note in unscraped:
+        lines.append(f"server metrics: none, {note}; no server figures in this run "
+                     "(--llm-server-metrics URL to name another, or off).")
+    if plain:
+        if loads:
+            lines.append("Requests of tests without llm_load:")
+        for result in plain:
+            lines.append("  " + format_requests_line(result.nodeid, result.summary,
+                                                     secrets=secrets))
+    return lines
 
 
 # -- redaction and JSON ------------------------------------------------------------------------
@@ -293,55 +342,6 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def origin_wall(records: Sequence[RequestRecord], origin_ns: int) -> float | None:
-    """Wall-clock time of ``origin_ns``, from the first record that noted its wall send time."""
-    for r in records:
-        if r.wall_start > 0:
-            return r.wall_start - (r.start_ns - origin_ns) / NS
-    return None
-
-
-def test_entry(
-    nodeid: str,
-    summary: Summary,
-    slo_results: Sequence[SLOResult],
-    records: Sequence[RequestRecord],
-    origin_ns: int | None = None,
-    *,
-    transport: str | None = None,
-    settings: Mapping[str, Any] | None = None,
-    interrupted: bool = False,
-    load: bool | None = None,
-    include_records: bool = True,
-) -> dict[str, Any]:
-    """One test's entry in the JSON report: the summary's figures (seconds), SLO verdicts and,
-    unless ``include_records`` is false, every request record with instants relative to
-    ``origin_ns`` (default: the first send). ``origin_wall`` is the wall-clock time of that
-    origin, so reports from several machines can be put on one time axis. ``load`` says whether
-    it was an ``llm_load`` test (False: single measured requests of a plain test)."""
-    if origin_ns is None:
-        origin_ns = summary.start_ns if summary.start_ns is not None else 0
-    entry: dict[str, Any] = {
-        "nodeid": nodeid,
-        "transport": transport or summary.transport,
-        "interrupted": interrupted,
-    }
-    if load is not None:
-        entry["load"] = load
-    entry.update(summary.as_dict())
-    entry["slo"] = [result.as_dict() for result in slo_results]
-    if settings is not None:
-        entry["settings"] = dict(settings)
-    entry["origin_wall"] = origin_wall(records, origin_ns)
-    if include_records:
-        entry["records"] = [r.to_dict(origin_ns) for r in records]
-    return entry
-
-
-# the name starts with "test_": keep pytest from collecting it where tests import it
-test_entry.__test__ = False  # type: ignore[attr-defined]
-
-
 def write_json_report(
     path: str | os.PathLike[str],
     *,
@@ -397,15 +397,21 @@ def write_json_report(
         raise
 
 
-class ReportedTest(NamedTuple):
-    """One test read back from a JSON report."""
+@dataclass
+class ReportedTest:
+    """One test read back from a JSON report: its share (records on the wall-clock axis) and
+    the entry as written (its figures, as the run computed them)."""
 
-    nodeid: str
-    records: list[RequestRecord]
-    slos: tuple[str, ...]
-    transport: str
-    interrupted: bool
+    share: Share
     entry: dict[str, Any]
+
+    @property
+    def nodeid(self) -> str:
+        return self.share.nodeid
+
+    @property
+    def records(self) -> list[RequestRecord]:
+        return self.share.records
 
 
 def read_json_report(path: str | os.PathLike[str]) -> list[ReportedTest]:
@@ -452,31 +458,11 @@ def read_json_report(path: str | os.PathLike[str]) -> list[ReportedTest]:
                 raise bad(f"the origin_wall of {nodeid!r} is not a wall-clock time "
                           f"({origin_wall!r})")
             origin_ns = round(origin_wall * NS)
-        raw_records = entry.get("records") or []
-        if not isinstance(raw_records, list):
-            raise bad(f'"records" of {nodeid!r} is not a list')
-        records = []
-        for j, raw in enumerate(raw_records):
-            if not isinstance(raw, dict):
-                raise bad(f"record #{j} of {nodeid!r} is not an object")
-            try:
-                records.append(RequestRecord.from_dict(raw, origin_ns))
-            except (TypeError, ValueError, OverflowError) as exc:
-                raise bad(f"record #{j} of {nodeid!r} is malformed ({exc})") from exc
-        raw_slos = entry.get("slo") or []
-        slos = tuple(
-            str(s["expr"]) for s in raw_slos if isinstance(s, dict) and s.get("expr") is not None
-        )
-        out.append(
-            ReportedTest(
-                nodeid=nodeid,
-                records=records,
-                slos=slos,
-                transport=str(entry.get("transport") or ""),
-                interrupted=bool(entry.get("interrupted", False)),
-                entry=entry,
-            )
-        )
+        try:
+            share = share_from_dict(entry, origin_ns)
+        except ValueError as exc:
+            raise bad(str(exc)) from exc
+        out.append(ReportedTest(share, entry))
     return out
 
 

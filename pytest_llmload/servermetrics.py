@@ -29,12 +29,14 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from .config import SERVER_METRICS_AUTO, SERVER_METRICS_OFF
+
 GAUGE = "gauge"
 COUNTER = "counter"
 
 #: ``--llm-server-metrics`` values besides a URL.
-AUTO = "auto"
-OFF = "off"
+AUTO = SERVER_METRICS_AUTO
+OFF = SERVER_METRICS_OFF
 DEFAULT_INTERVAL = 1.0
 #: Raw series kept per load test for a server the mapping does not know (the first seen).
 MAX_RAW_SERIES = 300
@@ -616,32 +618,3 @@ class Scraper:
             sm.note = (f"{sm.failed} of {sm.failed + sm.scrapes} scrapes failed: "
                        + "; ".join(dict.fromkeys(self._errors)))
         return sm
-
-
-# -- the option ---------------------------------------------------------------------------------
-
-EXPECT_SERVER_METRICS = (
-    "'auto' (the endpoint's /metrics beside its base URL, if it answers), 'off', or the "
-    "http:// or https:// URL of a Prometheus /metrics"
-)
-
-
-def parse_server_metrics(value: object, option: str = "--llm-server-metrics") -> str:
-    """``auto``, ``off`` (also false/no/none) or an http(s) URL with a host."""
-    from .config import ConfigError, _error, parse_api_base
-
-    if isinstance(value, bool) and not value:
-        return OFF
-    if isinstance(value, str):
-        text = value.strip()
-        low = text.lower()
-        if low == AUTO:
-            return AUTO
-        if low in (OFF, "false", "no", "none", "0"):
-            return OFF
-        if "://" in text:
-            try:
-                return parse_api_base(text, option)
-            except ConfigError:
-                pass
-    raise _error(option, EXPECT_SERVER_METRICS, value)

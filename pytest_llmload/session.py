@@ -23,15 +23,16 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .client import ERR_CANCELLED, Endpoint, LLMClient, StreamError, StreamResult
-from .config import LoadSettings
+from .client import LLMClient, StreamError, StreamResult
+from .endpoint import Endpoint
 from .engine import STOP_DEADLINE, STOP_INTERRUPTED, JobContext, LoadOutcome, LoadPlan, LoopThread
+from .failures import ERR_CANCELLED
 from .records import RequestRecord
+from .result import LoadResult, build_result
+from .settings import LoadSettings
 
 if TYPE_CHECKING:
-    from .metrics import Summary
     from .servermetrics import ServerMetrics, Target
-    from .slo import SLOResult
     from .tokens import Tokenizer
 
 #: Threads for sync bodies when no concurrency cap says how many requests may be in flight.
@@ -41,12 +42,6 @@ DEFAULT_SYNC_THREADS = 64
 IMAGES_AHEAD = 256
 #: How often the progress line is refreshed during a long load test (seconds).
 PROGRESS_EVERY = 5.0
-
-MSG_STOPPED = (
-    "the load test was stopped at its bound of {bound:.3g} s before the schedule completed "
-    "({done} of {total} requests done); the endpoint could not keep up with the load"
-)
-
 
 @dataclass
 class _JobState:
@@ -66,30 +61,8 @@ class _JobState:
 _job: contextvars.ContextVar[_JobState | None] = contextvars.ContextVar("llmload_job", default=None)
 
 
-@dataclass
-class LoadResult:
-    """One test's measured load: what the reporter, the JSON report and xdist read."""
-
-    nodeid: str
-    records: list[RequestRecord]
-    origin_ns: int
-    settings: LoadSettings | None
-    outcome: LoadOutcome | None
-    summary: Summary
-    slo_results: list[SLOResult]
-    transport: str
-    load: bool
-    """True for an ``llm_load`` test, False for single measured requests of a plain test."""
-    worker: str | None = None
-    interrupted: bool = False
-    """The run was interrupted (Ctrl-C) during this test: its records are the ones so far."""
-    server: ServerMetrics | None = None
-    """The server's own metrics scraped during the load; None when not scraped (off, or a
-    worker that left the scraping to another)."""
-
-
-class Runner:
-    """The session's one loop, client and tokenizer, created on first use."""
+class SessionClient:
+    """The session's one event loop, streaming client and tokenizer, each created on first use."""
 
     def __init__(
         self,
@@ -158,8 +131,8 @@ class LLM:
     """The ``llm`` fixture: ``stream()`` and ``await astream()`` each make one measured streaming
     request. Inside an ``llm_load`` test every call is part of the load."""
 
-    def __init__(self, runner: Runner, settings: LoadSettings | None) -> None:
-        self._runner = runner
+    def __init__(self, session_client: SessionClient, settings: LoadSettings | None) -> None:
+        self.session_client = session_client
         self._settings = settings
         self.records: list[RequestRecord] = []
         """Every counted request this test made, in completion order."""
@@ -171,7 +144,7 @@ class LLM:
 
     @property
     def endpoint(self) -> Endpoint:
-        return self._runner.client.endpoint
+        return self.session_client.client.endpoint
 
     def _sink(self, state: _JobState | None) -> Callable[[RequestRecord], None]:
         def sink(record: RequestRecord) -> None:
@@ -200,7 +173,7 @@ class LLM:
             if s.max_tokens is not None:
                 kwargs.setdefault("max_tokens", s.max_tokens)
             kwargs.setdefault("timeout", s.timeout)
-        return self._runner.client.astream(
+        return self.session_client.client.astream(
             messages_or_prompt, intended_start_ns=intended, sink=self._sink(state), **kwargs
         )
 
@@ -210,7 +183,7 @@ class LLM:
         """Stream one chat completion; raises ``StreamError`` if the request failed."""
         __tracebackhide__ = True
         coro = self._request(messages_or_prompt, kwargs)
-        loop = self._runner.loop
+        loop = self.session_client.loop
         try:
             if loop.in_loop_thread:
                 result: StreamResult = await coro
@@ -234,7 +207,7 @@ class LLM:
         if state is not None:
             coro = _supervised(coro, state)
         try:
-            result: StreamResult = self._runner.loop.run(coro)
+            result: StreamResult = self.session_client.loop.run(coro)
         except StreamError as exc:
             raise exc.with_traceback(None) from None
         except concurrent.futures.CancelledError:
@@ -294,13 +267,6 @@ def _record_body_failure(state: _JobState, sink: Callable[[RequestRecord], None]
 def _plan(settings: LoadSettings, worker_index: int, worker_count: int) -> LoadPlan:
     """The engine's plan, with a bound on the whole test so a session can never hang."""
     s = settings
-    if s.duration is not None:
-        bound = s.duration + s.timeout + 10
-    elif s.rps is not None and s.requests is not None:
-        bound = s.requests / s.rps * 1.5 + s.timeout + 10
-    else:
-        waves = math.ceil((s.requests or 1) / max(1, s.concurrency or 1))
-        bound = waves * s.timeout + 10
     return LoadPlan(
         requests=s.requests,
         rps=s.rps,
@@ -309,7 +275,7 @@ def _plan(settings: LoadSettings, worker_index: int, worker_count: int) -> LoadP
         seed=s.seed,
         duration=s.duration,
         warmup=s.warmup,
-        deadline=bound,
+        deadline=s.bound_s,
         worker_index=worker_index,
         worker_count=worker_count,
     )
@@ -352,7 +318,7 @@ def run_load_test(
     the records are in ``llm.records``. ``start_at``: as in :func:`~.engine.run_load`.
     ``server``: the ``/metrics`` to scrape around and during the load (``llm.server_metrics``
     gets what was scraped, or the note of a target that did not answer)."""
-    runner = llm._runner
+    session_client = llm.session_client
     fn = item.obj
     kwargs = {name: item.funcargs[name] for name in item._fixtureinfo.argnames}
     is_async = inspect.iscoroutinefunction(fn)
@@ -426,7 +392,7 @@ def run_load_test(
     async def run() -> LoadOutcome:
         from .engine import run_load
 
-        await runner.client.warmup()
+        await session_client.client.warmup()
         if images is not None:
             await images.prime()
         if scraper is not None:
@@ -438,7 +404,7 @@ def run_load_test(
 
         return await run_load(plan, job, progress=on_progress, stop=stop, start_at=start_at)
 
-    fut = runner.loop.submit(run())
+    fut = session_client.loop.submit(run())
     total = plan.my_requests
     next_progress = time.monotonic() + PROGRESS_EVERY
     try:
@@ -462,7 +428,7 @@ def run_load_test(
                 )
     except KeyboardInterrupt:
         # Stop sending, cancel what is in flight, keep the records so far.
-        runner.loop.loop.call_soon_threadsafe(stop.set)
+        session_client.loop.loop.call_soon_threadsafe(stop.set)
         try:
             fut.result(timeout=10)
         except Exception:  # noqa: BLE001 - the interrupt is what the user sees; just stop
@@ -487,45 +453,7 @@ def _cut_at_bound(records: Sequence[RequestRecord], bound: float) -> None:
             rec.error = f"cancelled when the load test reached its bound of {bound:.3g} s"
 
 
-def build_result(
-    nodeid: str,
-    records: list[RequestRecord],
-    settings: LoadSettings | None,
-    outcome: LoadOutcome | None,
-    *,
-    transport: str,
-    load: bool,
-    worker: str | None = None,
-    interrupted: bool = False,
-    server: ServerMetrics | None = None,
-) -> LoadResult:
-    """Summarise ``records`` and check the test's SLOs on them: a worker's own test, or the
-    controller's merge of every worker's share."""
-    from .metrics import summarize
-    from .slo import evaluate
-
-    slos = settings.slo if settings is not None else ()
-    summary = summarize(records, slos=slos)
-    origin = outcome.start_ns if outcome is not None else (
-        min((r.start_ns for r in records), default=0)
-    )
-    return LoadResult(
-        nodeid=nodeid,
-        records=records,
-        origin_ns=origin,
-        settings=settings,
-        outcome=outcome,
-        summary=summary,
-        slo_results=evaluate(slos, summary, server) if slos else [],
-        transport=transport,
-        load=load,
-        worker=worker,
-        interrupted=interrupted,
-        server=server,
-    )
-
-
-def summarize_test(
+def result_of_test(
     nodeid: str,
     llm: LLM,
     settings: LoadSettings | None,
@@ -533,42 +461,21 @@ def summarize_test(
     *,
     worker: str | None = None,
 ) -> LoadResult:
+    """The result of the test ``llm`` served: a load test when it has ``settings``."""
     records = list(llm.records)
     transports = sorted({r.transport for r in records if r.transport})
     return build_result(
         nodeid, records, settings, outcome,
-        transport=", ".join(transports) or llm._runner.client.transport,
-        load=settings is not None, worker=worker, interrupted=llm.interrupted,
+        transport=", ".join(transports) or llm.session_client.client.transport,
+        is_load_test=settings is not None, worker=worker, interrupted=llm.interrupted,
         server=llm.server_metrics,
     )
-
-
-def gate(result: LoadResult) -> str | None:
-    """Why this load test fails, as a message for ``pytest.fail``; None if it passes."""
-    from .slo import verdict
-
-    records = result.records
-    outcome = result.outcome
-    lines = verdict(records, result.slo_results, load=result.load)
-    if not records and result.load:
-        return "\n".join(lines)  # made no request: that is the whole story
-    if outcome is not None and outcome.stopped_reason == STOP_DEADLINE:
-        # said even when every request failed: that the schedule could not complete is the news
-        s = result.settings
-        bound = _plan(s, 0, 1).deadline if s is not None else 0.0
-        lines.append(MSG_STOPPED.format(
-            bound=bound or 0.0, done=outcome.jobs,
-            total=s.requests if s is not None and s.requests is not None else "?",
-        ))
-    return "\n".join(lines) or None
 
 
 __all__ = [
     "LLM",
     "STOP_INTERRUPTED",
-    "LoadResult",
-    "Runner",
-    "gate",
+    "SessionClient",
+    "result_of_test",
     "run_load_test",
-    "summarize_test",
 ]

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from pytest_llmload.config import ConfigError
+from .errors import ConfigError
 
 __all__ = [
     "DEFAULT_SPEC",

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pytest_llmload.config import ConfigError
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     from pytest_llmload.tokens import Tokenizer

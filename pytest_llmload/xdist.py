@@ -45,11 +45,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from .state import PluginState
+
 if TYPE_CHECKING:
-    from .config import LoadSettings
-    from .engine import LoadOutcome
-    from .plugin import _State
-    from .session import LoadResult
+    from .result import LoadResult
 
 #: ``workerinput`` keys the controller sets for each worker.
 DIST_KEY = "llmload_dist"
@@ -98,7 +97,7 @@ def _is_controller(config: pytest.Config) -> bool:
     return config.getoption("dist", "no") != "no" and bool(config.getoption("tx", None))
 
 
-def configure(config: pytest.Config, state: _State) -> None:
+def configure(config: pytest.Config, state: PluginState) -> None:
     """Called from the plugin's ``pytest_configure``: set the worker's share and register the
     worker or controller side; nothing without xdist."""
     workerinput: dict[str, Any] | None = getattr(config, "workerinput", None)
@@ -192,126 +191,45 @@ class Rendezvous:
 # -- worker -> controller ----------------------------------------------------------------------
 
 
-def _settings_dict(s: LoadSettings) -> dict[str, Any]:
-    return {
-        "requests": s.requests, "rps": s.rps, "concurrency": s.concurrency,
-        "arrival": str(s.arrival), "seed": s.seed, "duration": s.duration, "warmup": s.warmup,
-        "timeout": s.timeout, "max_tokens": s.max_tokens, "slo": [x.expr for x in s.slo],
-        "include_image": s.include_image,
-        "randomize_image_dimensions": s.randomize_image_dimensions,
-        "server_metrics": s.server_metrics,
-        "server_metrics_interval": s.server_metrics_interval,
-    }
-
-
-def _settings_from(d: dict[str, Any]) -> LoadSettings:
-    from .config import LoadSettings
-    from .engine import parse_arrival
-    from .slo import parse_slo
-
-    fields = dict(d)
-    fields["arrival"] = parse_arrival(fields["arrival"])
-    fields["slo"] = tuple(parse_slo(e) for e in fields["slo"])
-    return LoadSettings(**fields)
-
-
-_OUTCOME_FIELDS = ("start_ns", "end_ns", "jobs", "failed", "max_in_flight", "stopped_reason")
-
-
 def to_payload(
     result: LoadResult, *, aligned: bool = True, xfail: str | None = None
 ) -> dict[str, Any]:
-    """What a worker sends for one test: plain data (execnet carries no objects). Records are
-    relative to the test's start (exact in nanoseconds); ``origin_wall`` is that start on the
-    wall clock, for workers on other hosts. ``xfail``: the reason of the test's xfail marker
-    (possibly empty), None when it has none."""
-    from .report import origin_wall
+    """What a worker sends for one test: the result's plain data (execnet carries no objects)
+    without its figures, which the controller computes again over the merged records, plus the
+    test's start on this host's clock (``origin_ns``). ``xfail``: the reason of the test's xfail
+    marker (possibly empty), None when it has none."""
+    from .result import result_to_dict
 
-    origin = result.origin_ns
-    o = result.outcome
     return {
-        "nodeid": result.nodeid,
-        "worker": result.worker,
-        "load": result.load,
-        "transport": result.transport,
-        "origin_ns": origin,
-        "origin_wall": origin_wall(result.records, origin),
-        "records": [r.to_dict(origin) for r in result.records],
-        "settings": None if result.settings is None else _settings_dict(result.settings),
-        "outcome": None if o is None else {
-            **{k: getattr(o, k) for k in _OUTCOME_FIELDS}, "errors": list(o.errors)
-        },
+        **result_to_dict(result, figures=False),
+        "origin_ns": result.origin_ns,
         "aligned": aligned,
         "xfail": xfail,
-        "server_metrics": None if result.server is None else result.server.as_dict(origin),
     }
-
-
-_STOP_PRIORITY = ("deadline", "interrupted", "duration")
 
 
 def merge_payloads(nodeid: str, payloads: Sequence[dict[str, Any]], *, same_clock: bool
                    ) -> LoadResult:
-    """One test's payloads from several workers -> one :class:`~.session.LoadResult`, every
-    figure computed again over the merged records. ``same_clock``: the workers share
-    ``perf_counter_ns`` (one machine); else records are placed on the wall clock."""
-    from .engine import LoadOutcome
-    from .records import NS, RequestRecord
-    from .session import build_result
+    """One test's payloads from several workers -> one result (:func:`~.result.merge_shares`).
+    ``same_clock``: the workers share ``perf_counter_ns`` (one machine); else records are placed
+    on the wall clock."""
+    from .records import NS
+    from .result import merge_shares, share_from_dict
 
-    records: list[RequestRecord] = []
-    outcomes: list[LoadOutcome] = []
-    settings = None
-    transports: list[str] = []
-    load = False
-    server = None
+    shares = []
     for p in payloads:
         base = int(p["origin_ns"])
         if not same_clock and p.get("origin_wall") is not None:
             base = round(float(p["origin_wall"]) * NS)
-        shift = base - int(p["origin_ns"])
-        records.extend(RequestRecord.from_dict(d, base) for d in p["records"])
-        if p.get("outcome") is not None:
-            o = p["outcome"]
-            outcomes.append(LoadOutcome(
-                start_ns=o["start_ns"] + shift, end_ns=o["end_ns"] + shift, jobs=o["jobs"],
-                failed=o["failed"], max_in_flight=o["max_in_flight"],
-                stopped_reason=o["stopped_reason"], errors=list(o["errors"]),
-            ))
-        if settings is None and p.get("settings") is not None:
-            settings = _settings_from(p["settings"])
-        for t in str(p.get("transport") or "").split(", "):
-            if t and t not in transports:
-                transports.append(t)
-        load |= bool(p.get("load"))
-        if server is None and p.get("server_metrics") is not None:
-            from .servermetrics import ServerMetrics
-
-            # one worker scrapes a server they all share (see plugin._server_target)
-            server = ServerMetrics.from_dict(p["server_metrics"], base)
-    outcome = None
-    if outcomes:
-        reasons = {o.stopped_reason for o in outcomes}
-        outcome = LoadOutcome(
-            start_ns=min(o.start_ns for o in outcomes),
-            end_ns=max(o.end_ns for o in outcomes),
-            jobs=sum(o.jobs for o in outcomes),
-            failed=sum(o.failed for o in outcomes),
-            max_in_flight=sum(o.max_in_flight for o in outcomes),
-            stopped_reason=next((r for r in _STOP_PRIORITY if r in reasons), None),
-            errors=[e for o in outcomes for e in o.errors][:5],
-        )
-    return build_result(
-        nodeid, records, settings, outcome, transport=", ".join(transports), load=load,
-        worker=str(payloads[0]["worker"]) if len(payloads) == 1 else None, server=server,
-    )
+        shares.append(share_from_dict(p, base))
+    return merge_shares(nodeid, shares)
 
 
 class WorkerPlugin:
     """A worker's side: its share (set in :func:`configure`), its rendezvous, and sending its
     records to the controller at the end of its session."""
 
-    def __init__(self, config: pytest.Config, state: _State, rendezvous: Rendezvous | None):
+    def __init__(self, config: pytest.Config, state: PluginState, rendezvous: Rendezvous | None):
         self.config = config
         self.state = state
         self.rendezvous = rendezvous
@@ -368,7 +286,7 @@ class _Counted:
 class ControllerPlugin:
     """The controller's side: tell workers the mode, receive their records, merge, gate."""
 
-    def __init__(self, config: pytest.Config, state: _State) -> None:
+    def __init__(self, config: pytest.Config, state: PluginState) -> None:
         self.config = config
         self.state = state
         self.mode = str(config.getoption("dist"))
@@ -416,9 +334,8 @@ class ControllerPlugin:
         return result
 
     def _merge(self, session: pytest.Session, *, gate: bool) -> None:
-        from .merge import natural_key
-        from .plugin import _write_errors
-        from .session import gate as gate_result
+        from .report import natural_key
+        from .result import failure_message
 
         by_test: dict[str, list[dict[str, Any]]] = {}
         workers_of: dict[str, set[str]] = {}
@@ -432,21 +349,22 @@ class ControllerPlugin:
             payloads = by_test[nodeid]
             result = merge_payloads(nodeid, payloads, same_clock=self.same_machine)
             self.state.results.append(result)
-            _write_errors(self.state, result)
-            if self.mode != "each" or not result.load:
+            if self.state.error_log is not None:
+                self.state.error_log.write(result)
+            if self.mode != "each" or not result.is_load_test:
                 continue
             if not all(p.get("aligned", True) for p in payloads):
                 unaligned.append(nodeid)
             if len(workers_of[nodeid]) < self.nodes:
                 missing.append(nodeid)
-            why = gate_result(result) if gate else None
+            why = failure_message(result) if gate else None
             xfail = next((p["xfail"] for p in payloads if p.get("xfail") is not None), None)
             if why and xfail is not None:
                 self.xfailed.append((nodeid, why, str(xfail)))
             elif why:
                 self.failures.append((nodeid, why))
                 session.testsfailed += 1
-        if self.mode == "each" and not self.same_machine and any(r.load for r in self.state.results):
+        if self.mode == "each" and not self.same_machine and any(r.is_load_test for r in self.state.results):
             self.notes.append(MSG_REMOTE)
         if unaligned:
             self.notes.append(MSG_UNALIGNED.format(
@@ -473,7 +391,7 @@ class ControllerPlugin:
         runs = [
             (r.outcome.start_ns, r.outcome.end_ns, r.nodeid, r.worker)
             for r in self.state.results
-            if r.load and r.outcome is not None
+            if r.is_load_test and r.outcome is not None
         ]
         hit: list[str] = []
         for i, (s1, e1, n1, w1) in enumerate(runs):

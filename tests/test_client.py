@@ -21,9 +21,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pytest_llmload import client as client_module
-from pytest_llmload.client import Endpoint, LLMClient, StreamError, StreamResult, _Stream
+from pytest_llmload import sse as sse_module
+from pytest_llmload.client import LLMClient, StreamError, StreamResult
+from pytest_llmload.endpoint import Endpoint
 from pytest_llmload.mock import MockServer
 from pytest_llmload.records import RequestRecord
+from pytest_llmload.sse import SSEStream
 from pytest_llmload.tokens import Tokenizer, load_tokenizer
 
 MS = 1_000_000
@@ -94,7 +97,7 @@ def test_ttft_and_itl_match_the_mock_send_timestamps_at_8_streams(
     mock: MockServer, monkeypatch: pytest.MonkeyPatch, reader: str
 ) -> None:
     if reader.startswith("task"):  # as if aiohttp's internals had changed: the readany loop
-        monkeypatch.setattr(client_module, "_stamp_arrivals", lambda connector: None)
+        monkeypatch.setattr(client_module, "stamp_arrivals", lambda connector: None)
     _, sink = stream(mock, 8, load_loop=reader.startswith("load"))
     assert len(sink) == 8 and all(r.ok for r in sink)
     log = server_log(mock)
@@ -131,15 +134,15 @@ def test_on_the_load_loop_no_chunk_is_stamped_before_it_was_sent(
 
     from pytest_llmload.engine import LoopThread
 
-    feed = _Stream.feed
+    feed = SSEStream.feed
     calls = itertools.count()
 
-    def slow_feed(self: _Stream, data: bytes, t: int, t_later: int | None = None) -> None:
+    def slow_feed(self: SSEStream, data: bytes, t: int, t_later: int | None = None) -> None:
         if next(calls) % 5 == 0:
             time_module.sleep(0.015)
         feed(self, data, t, t_later)
 
-    monkeypatch.setattr(_Stream, "feed", slow_feed)
+    monkeypatch.setattr(SSEStream, "feed", slow_feed)
     polls: list[int] = []
     lt = LoopThread()
     sink: list[RequestRecord] = []
@@ -327,7 +330,7 @@ def test_a_stream_ending_with_usage_or_finish_but_no_done_is_complete(mock: Mock
 def test_a_usage_chunk_with_empty_choices_and_no_done_ends_the_stream_cleanly() -> None:
     """transformers serve's ending, byte for byte through the reader."""
     rec = RequestRecord()
-    s = _Stream(rec)
+    s = SSEStream(rec)
     head = '{"id":"x","object":"chat.completion.chunk","created":1,"model":"m","choices":'
     lines = [
         head + '[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}',
@@ -470,7 +473,8 @@ def test_litellm_transport_streams_from_the_mock_with_one_http_request_per_call(
     assert len(rec.chunk_ns) == len(sent["chunk_ns"]) == TOKENS
     assert all(got >= out for got, out in zip(rec.chunk_ns, sent["chunk_ns"]))
     assert rec.tokens_source == "usage" and result.output_tokens == TOKENS
-    assert len(result.text.split()) == TOKENS and result.finish_reason == "stop"
+    assert len(result.text.split()) == TOKENS
+    assert result.finish_reason == sent["finish_reason"] == "stop"  # what the server sent
 
 
 def test_litellm_transport_reaches_a_keyless_server_without_a_key(
@@ -550,10 +554,10 @@ def chunks(draw: st.DrawFn) -> dict[str, Any]:
 
 def _read(lines: list[bytes], fast: bool) -> tuple[Any, ...]:
     rec = RequestRecord()
-    s = _Stream(rec)
-    original = client_module._plain_content
+    s = SSEStream(rec)
+    original = sse_module.plain_content
     if not fast:
-        client_module._plain_content = lambda payload: None
+        sse_module.plain_content = lambda payload: None
     try:
         error: str | None = None
         try:
@@ -562,7 +566,7 @@ def _read(lines: list[bytes], fast: bool) -> tuple[Any, ...]:
         except Exception as exc:  # noqa: BLE001 - the error kind is part of what is compared
             error = type(exc).__name__
     finally:
-        client_module._plain_content = original
+        sse_module.plain_content = original
     return (error, list(rec.chunk_ns), s.deltas, s.text, s.reasoning, s.finish_reason, s.usage,
             s.response_id, s.done)
 
@@ -614,9 +618,9 @@ def test_the_no_decode_path_takes_the_plain_content_chunk() -> None:
     payload = (b'{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":'
                b'[{"index":0,"delta":{"content":" caf\\u00e9 \\"x\\""},"logprobs":null,'
                b'"finish_reason":null}],"usage":null}')
-    assert client_module._plain_content(payload) == ' café "x"'
+    assert sse_module.plain_content(payload) == ' café "x"'
     for other in (b'{"choices":[{"delta":{"content":"a"},"finish_reason":"stop"}]}',
                   b'{"choices":[],"usage":{"completion_tokens":1}}',
                   b'{"choices":[{"delta":{"content":"a","reasoning_content":"b"}}]}',
                   b'{"choices":[{"delta": {"content": "a"}}]}'):
-        assert client_module._plain_content(other) is None
+        assert sse_module.plain_content(other) is None

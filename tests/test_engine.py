@@ -9,7 +9,6 @@ import time
 
 import pytest
 
-from pytest_llmload.config import ConfigError
 from pytest_llmload.engine import (
     STOP_DEADLINE,
     STOP_DURATION,
@@ -22,6 +21,7 @@ from pytest_llmload.engine import (
     parse_arrival,
     run_load,
 )
+from pytest_llmload.errors import ConfigError
 
 
 def take(it, n):  # type: ignore[no-untyped-def]
@@ -64,24 +64,49 @@ def run(plan: LoadPlan, job, **kw):  # type: ignore[no-untyped-def]
     return asyncio.run(run_load(plan, job, **kw))
 
 
+def wake_up_lateness_ms(samples: int = 20) -> float:
+    """How late this machine wakes a sleeping event loop right now (the worst of ``samples``
+    short sleeps, in ms): the noise any send-time figure of the engine carries."""
+
+    async def measure() -> float:
+        worst = 0.0
+        for _ in range(samples):
+            t0 = time.perf_counter_ns()
+            await asyncio.sleep(0.005)
+            worst = max(worst, (time.perf_counter_ns() - t0) / 1e6 - 5.0)
+        return worst
+
+    return asyncio.run(measure())
+
+
 def test_open_loop_count_and_timing() -> None:
-    seen: list[JobContext] = []
-    sent: list[int] = []
+    # the schedule is exact; the sends are as close to it as the loop's own wake-ups allow:
+    # 20 ms beyond the noise measured beside the run, or the run is tried again (3 times at most)
+    lags: list[float] = []
+    noise = 0.0
+    for _ in range(3):
+        seen: list[JobContext] = []
+        sent: list[int] = []
 
-    async def job(ctx: JobContext) -> None:
-        sent.append(time.perf_counter_ns())
-        seen.append(ctx)
-        await asyncio.sleep(0.01)
+        async def job(ctx: JobContext, seen: list[JobContext] = seen,
+                      sent: list[int] = sent) -> None:
+            sent.append(time.perf_counter_ns())
+            seen.append(ctx)
+            await asyncio.sleep(0.01)
 
-    out = run(LoadPlan(requests=20, rps=50.0, arrival=Arrival("constant"), seed=1), job)
-    assert out.jobs == 20 and out.failed == 0 and out.stopped_reason is None
-    assert [c.index for c in seen] == list(range(20))
-    intended = [c.intended_start_ns for c in seen]
-    assert all(i is not None for i in intended)
-    gaps = [(b - a) / 1e9 for a, b in itertools.pairwise(intended)]  # type: ignore[operator]
-    assert gaps == pytest.approx([0.02] * 19, abs=1e-6)
-    lags = [(s - i) / 1e6 for s, i in zip(sent, intended)]  # type: ignore[operator]
-    assert max(lags) < 20, lags  # ms; loose: this machine is noisy
+        out = run(LoadPlan(requests=20, rps=50.0, arrival=Arrival("constant"), seed=1), job)
+        assert out.jobs == 20 and out.failed == 0 and out.stopped_reason is None
+        assert [c.index for c in seen] == list(range(20))
+        intended = [c.intended_start_ns for c in seen]
+        assert all(i is not None for i in intended)
+        gaps = [(b - a) / 1e9 for a, b in itertools.pairwise(intended)]  # type: ignore[operator]
+        assert gaps == pytest.approx([0.02] * 19, abs=1e-6)
+        lags = [(s - i) / 1e6 for s, i in zip(sent, intended)]  # type: ignore[operator]
+        noise = wake_up_lateness_ms()
+        if max(lags) < 20 + 2 * noise:
+            return
+    raise AssertionError(f"sends lagged {max(lags):.1f} ms behind the schedule with a loop "
+                         f"that wakes {noise:.1f} ms late: {lags}")
 
 
 def test_concurrency_cap_is_never_exceeded_and_waiting_counts_as_lag() -> None:
@@ -150,11 +175,15 @@ def test_duration_stops_issuing() -> None:
     async def job(ctx: JobContext) -> None:
         await asyncio.sleep(0.001)
 
-    t0 = time.perf_counter()
-    out = run(LoadPlan(requests=None, rps=100.0, duration=0.3, arrival=Arrival("constant")), job)
+    plan = LoadPlan(requests=None, rps=100.0, duration=0.3, arrival=Arrival("constant"))
+    # the schedule decides, not the clock: every arrival before the end is issued, none after
+    offsets = itertools.takewhile(
+        lambda t: int(t * 1e9) < int(0.3 * 1e9), arrival_times(plan.arrival, 100.0, plan.seed)
+    )
+    expected = sum(1 for _ in offsets)
+    out = run(plan, job)
     assert out.stopped_reason == STOP_DURATION
-    assert 25 <= out.jobs <= 31
-    assert time.perf_counter() - t0 < 1.0
+    assert out.jobs == expected == 30
 
 
 def test_deadline_cancels_in_flight_and_leaves_no_task() -> None:
@@ -177,7 +206,7 @@ def test_deadline_cancels_in_flight_and_leaves_no_task() -> None:
 
     t0 = time.perf_counter()
     asyncio.run(main())
-    assert time.perf_counter() - t0 < 1.0
+    assert time.perf_counter() - t0 < 10 / 2  # the jobs alone would take 10 s
 
 
 def test_stop_event_interrupts() -> None:
@@ -186,10 +215,21 @@ def test_stop_event_interrupts() -> None:
 
     async def main() -> None:
         stop = asyncio.Event()
-        asyncio.get_running_loop().call_later(0.1, stop.set)
-        out = await run_load(LoadPlan(requests=100, rps=20.0), job, stop=stop)
+        stopped_at: list[int] = []
+
+        def set_stop() -> None:
+            stopped_at.append(time.perf_counter_ns())
+            stop.set()
+
+        asyncio.get_running_loop().call_later(0.1, set_stop)
+        plan = LoadPlan(requests=100, rps=20.0)
+        out = await run_load(plan, job, stop=stop)
         assert out.stopped_reason == STOP_INTERRUPTED
-        assert out.jobs < 10
+        # nothing scheduled after the stop was issued, however late the loop set it
+        window = (stopped_at[0] - out.start_ns) / 1e9
+        due = sum(1 for _ in itertools.takewhile(
+            lambda t: t <= window, arrival_times(plan.arrival, 20.0, plan.seed)))
+        assert 0 < out.jobs <= due < 100
         assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
 
     asyncio.run(main())
@@ -203,15 +243,6 @@ def test_job_exceptions_are_counted_not_fatal() -> None:
     out = run(LoadPlan(requests=10, rps=1000.0), job)
     assert out.jobs == 10 and out.failed == 5
     assert out.errors and "boom" in out.errors[0]
-
-
-def test_job_timeout_bounds_a_job() -> None:
-    async def job(ctx: JobContext) -> None:
-        await asyncio.sleep(10 if ctx.index == 0 else 0)
-
-    t0 = time.perf_counter()
-    out = run(LoadPlan(requests=3, rps=1000.0, job_timeout=0.1), job)
-    assert out.failed == 1 and time.perf_counter() - t0 < 1
 
 
 @pytest.mark.parametrize("workers", [2, 3])
@@ -292,9 +323,12 @@ def test_more_workers_than_slots_keep_the_totals(
 
         plan = LoadPlan(requests=10, rps=rps, concurrency=concurrency, arrival=arrival,
                         worker_index=w, worker_count=workers)
+        before = len(seen)
         run(plan, job)
         peaks.append(peak)
-        assert plan.my_requests == (0 if not plan.active else plan.my_requests)
+        assert len(seen) - before == plan.my_requests  # this worker ran exactly its share
+        if not plan.active:
+            assert plan.my_requests == 0
     assert sorted(seen) == list(range(10))
     slots = concurrency if concurrency is not None else 2
     assert sum(peaks) <= slots

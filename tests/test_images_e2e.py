@@ -373,7 +373,8 @@ def test_the_litellm_transport_carries_the_same_parts(
     source = '''
 import asyncio
 
-from pytest_llmload.client import Endpoint, LLMClient
+from pytest_llmload.client import LLMClient
+from pytest_llmload.endpoint import Endpoint
 from pytest_llmload.images import make_image
 
 

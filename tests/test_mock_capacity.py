@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from pytest_llmload.config import ConfigError
+from pytest_llmload.errors import ConfigError
 from pytest_llmload.mock import MockServer, MockSpec, parse_mock_spec
 from tests.test_mock import CHAT, MS, STREAM, chat_body, raw_request
 

@@ -556,7 +556,8 @@ def test_json_report_error_log_junit_and_summary(
         assert record["start"] >= 0 and record["intended_start"] is not None
         if record["error"] is None:
             assert record["output_tokens"] == 8 and record["tokens_source"] == "usage"
-            assert 0.015 < record["ttft"] < record["e2e"] < 2.0
+            # e2e equals ttft when every chunk arrived in one read (a loaded machine)
+            assert 0.015 < record["ttft"] <= record["e2e"] < 2.0
     assert tests["test_closed"]["records"][0]["intended_start"] is None  # closed loop
     assert tests["test_plain"]["load"] is False
 

@@ -27,12 +27,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pytest_llmload import client as client_module
-from pytest_llmload import plugin
-from pytest_llmload.client import Endpoint, LLMClient, StreamError
-from pytest_llmload.config import LOAD_KEYS, ConfigError
+from pytest_llmload import litellm_transport
+from pytest_llmload.client import LLMClient, StreamError
+from pytest_llmload.endpoint import Endpoint
+from pytest_llmload.errors import ConfigError
 from pytest_llmload.metrics import summarize
 from pytest_llmload.mock import FAULTS, MockServer
+from pytest_llmload.options import BY_KEY, LOAD_KEYS, OPTIONS
+from pytest_llmload.pytest_options import output_path
 from pytest_llmload.records import RequestRecord
 
 TRANSPORTS = ("sse", "litellm")
@@ -199,7 +201,7 @@ def test_litellm_without_credentials_is_a_client_error_not_http_500(
     keyless OpenAI-compatible server gets a placeholder key; without it, as for a provider that
     needs a real key, this is what happens.)"""
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    monkeypatch.setattr(client_module, "KEYLESS_API_KEY", None)
+    monkeypatch.setattr(litellm_transport, "KEYLESS_API_KEY", None)
     since = last_id(mock)
     endpoint = Endpoint("openai/mock", mock.base_url, None, transport="litellm")
     record, error, _ = one_request(endpoint)
@@ -479,17 +481,17 @@ def test_a_load_that_cannot_complete_is_stopped_at_its_bound(pytester: pytest.Py
              "--llm-mock", "ttft=1ms,itl=1ms,tokens=4,stall=5s", "--llm-report=report.json"],
             cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
-    t0 = time.monotonic()
     outputs = {}
     try:
         for kind, proc in procs.items():  # side by side: one wait of ~10 s, not two
-            outputs[kind] = proc.communicate(timeout=40)[0].decode(errors="replace")
+            # a guard against a hang only (the figures below judge the bound): a loaded machine
+            # may take a while to start two pytest sessions and two mock servers
+            outputs[kind] = proc.communicate(timeout=180)[0].decode(errors="replace")
     finally:
         for proc in procs.values():
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    assert time.monotonic() - t0 < 30, "the session outlived the bound of its load test"
     for kind, text in outputs.items():
         assert procs[kind].returncode == 1, text
         assert "1 failed, 1 passed" in text, text
@@ -501,6 +503,8 @@ def test_a_load_that_cannot_complete_is_stopped_at_its_bound(pytester: pytest.Py
         kinds = entry["error_types"]
         assert set(kinds) == {"timeout", "cancelled"} and kinds["cancelled"] == 2, kinds
         assert entry["error_rate"] == 1.0
+        # the load stopped at its bound: its window (first send to last end) is the bound's
+        assert 10.23 <= entry["duration_s"] + 0.3 and entry["duration_s"] < 1.5 * 10.23, entry
 
 
 # -- a server that does what the mock does not ------------------------------------------------
@@ -695,12 +699,12 @@ _values = st.one_of(
 )
 
 
-@pytest.mark.parametrize("key", sorted(plugin._parsers()))
+@pytest.mark.parametrize("key", sorted(o.key for o in OPTIONS if o.parse is not None))
 @settings(max_examples=150, deadline=None)
 @given(value=_values)
 def test_every_option_parser_gives_a_value_or_a_config_error(key: str, value: str) -> None:
-    parse = plugin._parsers()[key]
-    option = plugin._OPT[key].cli
+    parse = BY_KEY[key].parse
+    option = BY_KEY[key].cli
     try:
         parse(value, option)
     except ConfigError as exc:
@@ -719,7 +723,7 @@ _paths = st.text(
 @given(value=_paths)
 def test_output_paths_are_checked_at_start(tmp_path: Path, value: str) -> None:
     try:
-        path = plugin._output_path(value, tmp_path, "--llm-report")
+        path = output_path(value, tmp_path, "--llm-report")
     except pytest.UsageError as exc:
         assert str(exc).startswith("--llm-report: expected the path of a file"), str(exc)
         return
@@ -737,7 +741,7 @@ def _assert_value_or_usage_error(result: pytest.RunResult, named: str) -> None:
 
 _E2E = settings(max_examples=25, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
-_VALUED = [o for o in plugin.OPTIONS if not o.flag and o.key not in ("report", "error_log")]
+_VALUED = [o for o in OPTIONS if not o.flag and o.key not in ("report", "error_log")]
 
 
 @_E2E

@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 
 from pytest_llmload import report
-from pytest_llmload.config import ConfigError
+from pytest_llmload.errors import ConfigError, ReportError
 from pytest_llmload.metrics import Summary, summarize
 from pytest_llmload.records import RequestRecord
 from pytest_llmload.report import (
-    ReportError,
     format_error_line,
     format_table,
     junit_properties,
@@ -26,7 +25,9 @@ from pytest_llmload.report import (
     redact,
     write_json_report,
 )
-from pytest_llmload.slo import SLOResult, evaluate, parse_slo
+from pytest_llmload.result import build_result, result_to_dict
+from pytest_llmload.slo import parse_slo
+from pytest_llmload.verdict import SLOResult, evaluate
 
 MS = 1_000_000
 NODE = "tests/test_story.py::test_story"
@@ -212,8 +213,8 @@ def test_redact_prefers_longest_secret_and_skips_tiny_ones() -> None:
 
 def make_report(path: Path) -> tuple[list[RequestRecord], Summary, dict[str, object]]:
     records, summary, results = summary_and_results()
-    entry = report.test_entry(
-        NODE, summary, results, records, records[0].start_ns, transport="sse", load=True
+    entry = result_to_dict(
+        build_result(NODE, records, None, None, transport="sse", is_load_test=True, slos=SLOS)
     )
     write_json_report(
         path,
@@ -301,10 +302,11 @@ def test_read_back_gives_the_same_figures(tmp_path: Path) -> None:
     _, summary, _ = make_report(path)
     (test,) = read_json_report(path)
     assert test.nodeid == NODE
-    assert test.slos == ("ttft.p99<150ms", "itl.p95<=50ms", "error_rate<20%")
-    assert test.transport == "sse" and test.interrupted is False
+    share = test.share
+    assert [s.expr for s in share.slos] == ["ttft.p99<150ms", "itl.p95<=50ms", "error_rate<20%"]
+    assert share.transport == "sse" and share.interrupted is False and share.is_load_test
     assert len(test.records) == 12
-    again = summarize(test.records, slos=[parse_slo(s) for s in test.slos])
+    again = summarize(test.records, slos=share.slos)
     for name in ("ttft", "itl", "tpot", "e2e"):
         for stat, value in getattr(summary, name).as_dict().items():
             assert getattr(again, name).as_dict()[stat] == pytest.approx(value, abs=1e-9)
@@ -324,8 +326,8 @@ def test_reports_from_two_machines_merge_on_wall_clock(tmp_path: Path) -> None:
         r.end_ns = (r.end_ns or 0) + 7 * 10**12
         r.wall_start += 1.0
     for name, recs in (("a.json", a), ("b.json", b)):
-        s = summarize(recs)
-        write_json_report(tmp_path / name, config={}, tests=[report.test_entry(NODE, s, [], recs)])
+        result = build_result(NODE, recs, None, None, transport="sse", is_load_test=True)
+        write_json_report(tmp_path / name, config={}, tests=[result_to_dict(result)])
     merged = [
         r for name in ("a.json", "b.json") for r in read_json_report(tmp_path / name)[0].records
     ]
@@ -337,12 +339,13 @@ def test_reports_from_two_machines_merge_on_wall_clock(tmp_path: Path) -> None:
 
 
 def test_test_entry_without_records_and_default_origin() -> None:
-    records, summary, results = summary_and_results()
-    entry = report.test_entry(NODE, summary, results, records, include_records=False)
+    records, _, _ = summary_and_results()
+    result = build_result(NODE, records, None, None, transport="sse", is_load_test=False)
+    entry = result_to_dict(result, records=False)
     assert "records" not in entry
-    assert entry["interrupted"] is False and "load" not in entry
+    assert entry["interrupted"] is False and entry["load"] is False
     json.dumps(entry, allow_nan=False)
-    entry = report.test_entry(NODE, summary, results, records)
+    entry = result_to_dict(result)
     assert entry["records"][0]["start"] == 0.0  # origin: the first send
 
 

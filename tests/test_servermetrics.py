@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from pytest_llmload.config import ConfigError
+from pytest_llmload.errors import ConfigError
 from pytest_llmload.metrics import summarize
 from pytest_llmload.mock import MockServer
 from pytest_llmload.servermetrics import (
@@ -23,11 +23,12 @@ from pytest_llmload.servermetrics import (
     map_known,
     metrics_url,
     parse_samples,
-    parse_server_metrics,
     prefilter,
     probe,
 )
-from pytest_llmload.slo import evaluate, parse_slo
+from pytest_llmload.config import parse_server_metrics
+from pytest_llmload.slo import parse_slo
+from pytest_llmload.verdict import evaluate
 
 from tests.test_plugin import BASE_ARGS, output, report_tests
 

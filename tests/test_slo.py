@@ -9,17 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_llmload.config import ConfigError
+from pytest_llmload.errors import ConfigError
+from pytest_llmload.grammar import format_sig
 from pytest_llmload.metrics import summarize
 from pytest_llmload.records import RequestRecord
-from pytest_llmload.slo import (
-    METRICS,
-    SLO,
-    SLOResult,
-    evaluate,
-    format_sig,
-    parse_slo,
-)
+from pytest_llmload.slo import METRICS, SLO, parse_slo
+from pytest_llmload.verdict import SLOResult, evaluate
 
 
 @pytest.mark.parametrize(

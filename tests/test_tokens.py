@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from pytest_llmload import tokens
-from pytest_llmload.config import ConfigError
+from pytest_llmload.errors import ConfigError
 from pytest_llmload.tokens import (
     Tokenizer,
     TokenizerError,

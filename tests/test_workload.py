@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_llmload.config import ConfigError
+from pytest_llmload.errors import ConfigError
 from pytest_llmload.tokens import load_tokenizer
 from pytest_llmload.workload import (
     LengthSpec,

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from pytest_llmload.config import LoadSettings
 from pytest_llmload.engine import LoadOutcome
 from pytest_llmload.metrics import summarize
 from pytest_llmload.mock import MockServer
 from pytest_llmload.records import RequestRecord
-from pytest_llmload.session import LoadResult
+from pytest_llmload.result import LoadResult
+from pytest_llmload.settings import LoadSettings
 from pytest_llmload.slo import parse_slo
 from pytest_llmload.xdist import START_MARGIN_NS, Rendezvous, merge_payloads, to_payload
 
@@ -110,7 +110,7 @@ def _result(records: list[RequestRecord], worker: str, settings: LoadSettings) -
     return LoadResult(
         nodeid="t.py::test_a", records=records, origin_ns=start, settings=settings,
         outcome=outcome, summary=summarize(records, slos=settings.slo), slo_results=[],
-        transport="sse", load=True, worker=worker,
+        transport="sse", is_load_test=True, worker=worker,
     )
 
 

@@ -35,8 +35,8 @@ not headers (``extra_body``) may send ``"mock_fault"`` and ``"mock_spec"`` inste
 
 from __future__ import annotations
 
-from pytest_llmload.mock.handle import MockServer, MockServerError
-from pytest_llmload.mock.spec import FAULTS, SPEC_KEYS, MockSpec, format_duration, parse_mock_spec
+from .handle import MockServer, MockServerError
+from .spec import FAULTS, SPEC_KEYS, MockSpec, format_duration, parse_mock_spec
 
 __all__ = [
     "FAULTS",

@@ -14,9 +14,9 @@ import signal
 import sys
 import threading
 
-from pytest_llmload.config import ConfigError
-from pytest_llmload.mock.server import serve
-from pytest_llmload.mock.spec import SPEC_KEYS, parse_mock_spec
+from ..errors import ConfigError
+from .server import serve
+from .spec import SPEC_KEYS, parse_mock_spec
 
 
 def _die_with_parent(parent_pid: int) -> bool:

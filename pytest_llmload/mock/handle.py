@@ -19,7 +19,7 @@ import weakref
 from types import TracebackType
 from typing import IO, Any
 
-from pytest_llmload.mock.spec import MockSpec, parse_mock_spec
+from .spec import MockSpec, parse_mock_spec
 
 __all__ = ["MockServer", "MockServerError"]
 

@@ -24,9 +24,9 @@ from array import array
 from collections import OrderedDict, deque
 from typing import Any
 
-from pytest_llmload.config import ConfigError
-from pytest_llmload.mock._images import ImageError, data_url_image
-from pytest_llmload.mock.spec import FAULTS, MockSpec, parse_mock_spec
+from ..errors import ConfigError
+from .image_decode import ImageError, data_url_image
+from .spec import FAULTS, MockSpec, parse_mock_spec
 
 __all__ = ["VOCABULARY", "MockApp", "RequestLog", "serve"]
 

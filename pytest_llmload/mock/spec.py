@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from pytest_llmload.config import ConfigError
+from ..errors import ConfigError
+from ..grammar import quantity, to_int
 
 __all__ = ["FAULTS", "SPEC_KEYS", "MockSpec", "format_duration", "parse_mock_spec"]
 
@@ -33,9 +34,7 @@ FAULTS: tuple[str, ...] = (
 )
 
 _NS = 1_000_000_000
-_UNITS_NS = {"us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": _NS}
-_DURATION_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(us|µs|ms|s)?\s*$")
-_PERCENT_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(%)?\s*$")
+_UNITS_NS = {"": _NS, "us": 1_000, "ms": 1_000_000, "s": _NS}
 _MODEL_RE = re.compile(r"^[A-Za-z0-9._:/@+-]+$")
 
 
@@ -210,7 +209,7 @@ def _accepted_keys() -> str:
     return ", ".join(SPEC_KEYS)
 
 
-def _fail(option: str, item: str, problem: str) -> ConfigError:
+def _bad_item(option: str, item: str, problem: str) -> ConfigError:
     return ConfigError(
         f"{option}: {problem} in {item!r}; a mock spec is comma-separated key=value items "
         f"with the keys {_accepted_keys()} (e.g. 'ttft=200ms,itl=20ms,tokens=128')."
@@ -220,24 +219,25 @@ def _fail(option: str, item: str, problem: str) -> ConfigError:
 def _parse_value(kind: str, raw: str) -> Any:
     """Parse one value; raise ValueError on anything not of ``kind``."""
     if kind == "duration":
-        m = _DURATION_RE.match(raw)
-        if not m:
+        found = quantity(raw)
+        if found is None or found[1] not in _UNITS_NS:
             raise ValueError
-        number, unit = m.group(1), m.group(2) or "s"
-        value = float(number) * _UNITS_NS[unit]
+        value = found[0] * _UNITS_NS[found[1]]
         if not math.isfinite(value) or value < 0:
             raise ValueError
         return round(value)
     if kind in ("nonneg_int", "pos_int", "int"):
-        value_i = int(raw.strip())
+        value_i = to_int(raw)
+        if value_i is None:
+            raise ValueError
         if (kind == "nonneg_int" and value_i < 0) or (kind == "pos_int" and value_i < 1):
             raise ValueError
         return value_i
     if kind == "fraction":
-        m = _PERCENT_RE.match(raw)
-        if not m:
+        found = quantity(raw)
+        if found is None or found[1] not in ("", "%"):
             raise ValueError
-        value_f = float(m.group(1)) / (100.0 if m.group(2) else 1.0)
+        value_f = found[0] / (100.0 if found[1] == "%" else 1.0)
         if not 0.0 <= value_f <= 1.0:
             raise ValueError
         return value_f
@@ -276,16 +276,16 @@ def parse_mock_spec(
         key, sep, raw = item.partition("=")
         key = key.strip().lower()
         if not sep:
-            raise _fail(option, item.strip(), "missing '=' (expected key=value)")
+            raise _bad_item(option, item.strip(), "missing '=' (expected key=value)")
         key = _ALIASES.get(key, key)
         if key not in _KEY_INFO:
-            raise _fail(option, item.strip(), f"unknown key {key!r}")
+            raise _bad_item(option, item.strip(), f"unknown key {key!r}")
         if key in seen:
-            raise _fail(option, item.strip(), f"key {key!r} given twice")
+            raise _bad_item(option, item.strip(), f"key {key!r} given twice")
         seen.add(key)
         field_name, kind = _KEY_INFO[key]
         try:
             changes[field_name] = _parse_value(kind, raw)
         except ValueError:
-            raise _fail(option, item.strip(), f"{key} must be {_EXPECTED[kind]}") from None
+            raise _bad_item(option, item.strip(), f"{key} must be {_EXPECTED[kind]}") from None
     return dataclasses.replace(base if base is not None else _DEFAULT, **changes)
