@@ -1,4 +1,11 @@
 """``python -m pytest_llmload merge A.json B.json ... [--slo EXPR ...] [--report OUT.json]``
+and ``python -m pytest_llmload report RUN.json [--html OUT.html] [--markdown OUT.md]
+[--plots DIR]``.
+
+``report`` renders a saved JSON report (a run's ``--llm-report``, or a merged one) as the run's
+``--llm-html``, ``--llm-markdown`` and ``--llm-plots`` would; with none of them it prints the
+Markdown summary. Exit status 0, or 2 when the report cannot be read or an output cannot be
+written.
 
 Merges the JSON reports of separate runs (``--llm-report``; a CI matrix on several machines, say)
 by test id, prints the same summary a run prints, and checks the SLOs on the merged records: the
@@ -59,12 +66,62 @@ def _parser() -> argparse.ArgumentParser:
         "--report", metavar="OUT.json", default=None,
         help="write the merged report (same format as --llm-report)",
     )
+    report = commands.add_parser(
+        "report",
+        help="render a JSON report as an HTML page, a Markdown summary or PNG plots",
+        description=(
+            "Render a JSON report (--llm-report, or merge --report) as a run's --llm-html, "
+            "--llm-markdown and --llm-plots would. With no output option, print the Markdown "
+            "summary. Exit status: 0, or 2 when the report cannot be read or written."
+        ),
+    )
+    report.add_argument("source", metavar="RUN.json", help="the JSON report to render")
+    report.add_argument("--html", metavar="OUT.html", default=None,
+                        help="write the self-contained HTML page")
+    report.add_argument("--markdown", metavar="OUT.md", default=None,
+                        help="write the Markdown summary")
+    report.add_argument("--plots", metavar="DIR", default=None,
+                        help="write PNG plots, one file per plot and test, into DIR")
     return parser
 
 
-def _bad_input(message: str, err: TextIO) -> int:
-    err.write(f"{PROG} merge: error: {message}\n")
+def _bad_input(message: str, err: TextIO, command: str = "merge") -> int:
+    err.write(f"{PROG} {command}: error: {message}\n")
     return EXIT_BAD_INPUT
+
+
+def report_command(
+    source: str,
+    *,
+    html: str | None = None,
+    markdown: str | None = None,
+    plots: str | None = None,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """Render ``source``; returns the exit status."""
+    from .render import load_report, render, require_plotting
+    from .render import markdown as markdown_text
+
+    out = out if out is not None else sys.stdout
+    err = err if err is not None else sys.stderr
+    try:
+        if html is not None:
+            require_plotting("--html")
+        if plots is not None:
+            require_plotting("--plots")
+        if html is None and markdown is None and plots is None:
+            out.write(markdown_text(load_report(source)))
+            return EXIT_OK
+        done = render(source, html_path=html, markdown_path=markdown, plots_dir=plots)
+    except ConfigError as exc:  # ReportError and MissingPlotLibrary are
+        return _bad_input(str(exc), err, "report")
+    except OSError as exc:
+        where = exc.filename or "an output"
+        return _bad_input(f"cannot write {where!r}: {exc.strerror or exc}.", err, "report")
+    for line in done:
+        out.write(line + "\n")
+    return EXIT_OK
 
 
 def merge_command(
@@ -143,6 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: usage errors exit 2 with their message, --help 0
         return int(exc.code or 0)
+    if args.command == "report":
+        return report_command(args.source, html=args.html, markdown=args.markdown,
+                              plots=args.plots)
     result: int = merge_command(args.reports, args.slo, args.report)
     return result
 

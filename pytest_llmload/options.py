@@ -106,6 +106,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("report", "write a JSON report (config, per-test summaries, per-request records).",
            "PATH"),
     Option("error_log", "write one line per failed request.", "PATH"),
+    Option("html", "write a self-contained HTML report with plots (verdicts, SLOs, latency "
+           "over time, distributions, load, errors); it opens offline. Needs matplotlib: "
+           "pip install 'pytest-llmload[report]'.", "PATH"),
+    Option("markdown", "write a Markdown summary (verdicts, SLOs, key percentiles, load "
+           "delivered). With $GITHUB_STEP_SUMMARY set, the summary is appended there too.",
+           "PATH"),
+    Option("plots", "write PNG plots (one file per plot and load test) into this folder. "
+           "Needs matplotlib: pip install 'pytest-llmload[report]'.", "DIR"),
     Option("mock", "behaviour of the embedded mock server, e.g. "
            "'ttft=200ms,itl=20ms,tokens=128,jitter=0.1,error_rate=0.01'.", "SPEC", c.parse_mock),
     Option("transport", "how requests are streamed and timed: 'auto' (the lean SSE reader for "
@@ -120,7 +128,20 @@ BY_KEY: dict[str, Option] = {o.key: o for o in OPTIONS}
 LOAD_KEYS: tuple[str, ...] = tuple(o.key for o in OPTIONS if o.marker)
 
 #: Options whose value is the path of a file the run writes.
-OUTPUT_KEYS: tuple[str, ...] = ("report", "error_log")
+OUTPUT_KEYS: tuple[str, ...] = ("report", "error_log", "html", "markdown")
+#: Options whose value is a folder the run writes files into.
+OUTPUT_DIR_KEYS: tuple[str, ...] = ("plots",)
+#: Options that draw plots, so need matplotlib.
+PLOT_KEYS: tuple[str, ...] = ("html", "plots")
 
 
-__all__ = ["BY_KEY", "ENV_API_KEY", "LOAD_KEYS", "OPTIONS", "OUTPUT_KEYS", "Option"]
+__all__ = [
+    "BY_KEY",
+    "ENV_API_KEY",
+    "LOAD_KEYS",
+    "OPTIONS",
+    "OUTPUT_DIR_KEYS",
+    "OUTPUT_KEYS",
+    "PLOT_KEYS",
+    "Option",
+]

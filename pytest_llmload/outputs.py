@@ -1,11 +1,15 @@
-"""The files a run writes: the error log (one line per failed request, as results arrive) and
-the JSON report (assembled at the end of the session from every test's result).
+"""The files a run writes: the error log (one line per failed request, as results arrive), the
+JSON report (assembled at the end of the session from every test's result), and the reports
+built from it (HTML page, Markdown summary, PNG plots, the GitHub step summary).
 
 Pure (no pytest): the plugin and the xdist controller both hand results here.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -65,4 +69,51 @@ def write_run_report(
                       interrupted=interrupted)
 
 
-__all__ = ["ErrorLog", "write_run_report"]
+ENV_STEP_SUMMARY = "GITHUB_STEP_SUMMARY"
+MSG_RENDER_FAILED_HEAD = "LLM load: the reports could not be written"
+MSG_RENDER_FAILED = MSG_RENDER_FAILED_HEAD + ": {error}"
+
+
+def render_reports(
+    json_path: str | None,
+    *,
+    cli: Mapping[str, object | None],
+    ini: Mapping[str, object | None],
+    results: Sequence[LoadResult],
+    secrets: Sequence[str],
+    interrupted: bool,
+) -> list[str]:
+    """The HTML page, Markdown summary and PNG plots asked for, and the GitHub step summary,
+    all built from the JSON report (``json_path``, else a temporary one written now): the code
+    path of ``python -m pytest_llmload report``. Returns what to tell the user."""
+    options = {**ini, **{k: v for k, v in cli.items() if v is not None}}
+    html, markdown, plots = (options.get(k) for k in ("html", "markdown", "plots"))
+    # the plugin loads in every pytest run of the environment: only runs that measured
+    # something add to the step summary
+    step_summary = (os.environ.get(ENV_STEP_SUMMARY) or None) if results else None
+    if html is None and markdown is None and plots is None and step_summary is None:
+        return []
+    from .render import render
+
+    tmp = None
+    try:
+        if json_path is None:
+            fd, tmp = tempfile.mkstemp(prefix="llmload-", suffix=".json")
+            os.close(fd)
+            write_run_report(tmp, cli=cli, ini=ini, results=results, secrets=secrets,
+                             interrupted=interrupted)
+            json_path = tmp
+        return render(
+            json_path, html_path=None if html is None else str(html),
+            markdown_path=None if markdown is None else str(markdown),
+            plots_dir=None if plots is None else str(plots), step_summary=step_summary,
+        )
+    except Exception as exc:  # noqa: BLE001 - the run's verdicts stand; say what is missing
+        return [MSG_RENDER_FAILED.format(error=f"{type(exc).__name__}: {exc}")]
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+__all__ = ["ENV_STEP_SUMMARY", "ErrorLog", "render_reports", "write_run_report"]

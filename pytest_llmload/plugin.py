@@ -238,15 +238,19 @@ def pytest_terminal_summary(
     """One table per load test; one line per test without the marker that made requests.
     Printing only: the verdicts were given in the call phase."""
     state = config.stash.get(STATE_KEY, None)
-    if state is None or not state.results:
+    if state is None or not (state.results or state.rendered):
         return
+    from .outputs import MSG_RENDER_FAILED_HEAD
     from .report import summary_lines
 
     tr = terminalreporter
     loads = [r for r in state.results if r.is_load_test]
-    tr.write_sep("=", "LLM load summary" if loads else "LLM requests")
+    plain = len(loads) < len(state.results)
+    tr.write_sep("=", "LLM load summary" if loads or not plain else "LLM requests")
     for line in summary_lines(state.results, secrets=state.secrets):
         tr.write_line(line)
+    for line in state.rendered:
+        tr.write_line(line, red=line.startswith(MSG_RENDER_FAILED_HEAD))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -255,14 +259,19 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     if state.error_log is not None:
         state.error_log.close()
-    path = state.get("report")
-    if path is None or getattr(session.config, "workerinput", None) is not None:
-        return
-    from .outputs import write_run_report
+    if getattr(session.config, "workerinput", None) is not None:
+        return  # a worker's records go to the controller, which writes the reports
+    from .outputs import render_reports, write_run_report
 
-    write_run_report(str(path), cli=state.cli, ini=state.ini, results=state.results,
-                     secrets=state.secrets,
-                     interrupted=exitstatus == pytest.ExitCode.INTERRUPTED)
+    interrupted = exitstatus == pytest.ExitCode.INTERRUPTED
+    path = state.get("report")
+    if path is not None:
+        write_run_report(str(path), cli=state.cli, ini=state.ini, results=state.results,
+                         secrets=state.secrets, interrupted=interrupted)
+    state.rendered = render_reports(
+        None if path is None else str(path), cli=state.cli, ini=state.ini,
+        results=state.results, secrets=state.secrets, interrupted=interrupted,
+    )
 
 
 __all__ = ["MARKER", "llm", "llm_endpoint", "llm_tokenizer"]

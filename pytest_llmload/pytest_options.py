@@ -24,12 +24,18 @@ from .options import (
     NATIVE_INT,
     NATIVE_NUMBER,
     OPTIONS,
+    OUTPUT_DIR_KEYS,
     OUTPUT_KEYS,
+    PLOT_KEYS,
     Option,
 )
 
 MSG_OUTPUT_PATH = (
     "{option}: expected the path of a file pytest-llmload can write, got {value!r}, {why}."
+)
+
+MSG_OUTPUT_DIR = (
+    "{option}: expected a folder pytest-llmload can write files into, got {value!r}, {why}."
 )
 
 #: Raw values by option key; None means "not given".
@@ -101,12 +107,22 @@ def read_options(config: pytest.Config) -> tuple[RawValues, RawValues]:
     # command-line paths are relative to where pytest was started, ini paths to the ini file
     # (as pytest's own 'paths' ini type)
     ini_dir = config.inipath.parent if config.inipath else config.invocation_params.dir
-    for key in OUTPUT_KEYS:
+    for key in (*OUTPUT_KEYS, *OUTPUT_DIR_KEYS):
         o = BY_KEY[key]
+        check = output_dir if key in OUTPUT_DIR_KEYS else output_path
         for layer, base, name in ((cli, config.invocation_params.dir, o.cli),
                                   (ini, ini_dir, o.ini_label)):
             if layer.get(key) is not None:
-                layer[key] = output_path(str(layer[key]), base, name)
+                layer[key] = check(str(layer[key]), base, name)
+    for key in PLOT_KEYS:
+        if cli.get(key) is not None or ini.get(key) is not None:
+            from .render import require_plotting
+
+            try:
+                require_plotting(BY_KEY[key].cli if cli.get(key) is not None
+                                 else BY_KEY[key].ini_label)
+            except ConfigError as exc:
+                raise pytest.UsageError(str(exc)) from None
     if cli.get("api_key") is None and ini.get("api_key") is None and os.environ.get(ENV_API_KEY):
         cli["api_key"] = os.environ[ENV_API_KEY]
     return cli, ini
@@ -134,4 +150,26 @@ def output_path(value: str, base: Path, option: str) -> str:
     return str(path)
 
 
-__all__ = ["MSG_OUTPUT_PATH", "add_options", "output_path", "read_options"]
+def output_dir(value: str, base: Path, option: str) -> str:
+    """The absolute path of an output folder, made and checked now (see :func:`output_path`)."""
+
+    def bad(why: str) -> pytest.UsageError:
+        return pytest.UsageError(MSG_OUTPUT_DIR.format(option=option, value=value, why=why))
+
+    if not value.strip() or "\0" in value:
+        raise bad("which names no folder")
+    path = Path(base, value)
+    if path.exists() and not path.is_dir():
+        raise bad("which is a file")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except (OSError, ValueError) as exc:
+        raise bad(f"which cannot be written ({getattr(exc, 'strerror', None) or exc})")
+    return str(path)
+
+
+__all__ = ["MSG_OUTPUT_DIR", "MSG_OUTPUT_PATH", "add_options", "output_dir", "output_path",
+           "read_options"]

@@ -15,7 +15,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,7 +47,7 @@ _TABLE_STATS = ("mean", "p50", "p90", "p99", "max")
 # -- terminal table ----------------------------------------------------------------------------
 
 
-def _ms(value: float | None) -> str:
+def format_ms(value: float | None) -> str:
     """Milliseconds with about three significant digits; '-' for no data."""
     if value is None or not math.isfinite(value):
         return "-"
@@ -120,7 +120,7 @@ def format_table(
         for label, name in rows:
             st: Stats = getattr(s, name)
             cells.append(
-                [f"{label} (ms)", *(_ms(getattr(st, k)) for k in _TABLE_STATS), str(st.count)]
+                [f"{label} (ms)", *(format_ms(getattr(st, k)) for k in _TABLE_STATS), str(st.count)]
             )
         widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
         for row in cells:
@@ -140,11 +140,11 @@ def format_table(
         lines.append(throughput)
     lines.extend(_workload_lines(s))
     if s.schedule_lag.count:
-        open_loop = f"  open loop: schedule lag p99 {_ms(s.schedule_lag.p99)} ms"
+        open_loop = f"  open loop: schedule lag p99 {format_ms(s.schedule_lag.p99)} ms"
         if s.ttft_from_intended.count:
             open_loop += (
-                f"; from intended send: TTFT mean {_ms(s.ttft_from_intended.mean)} ms, "
-                f"p99 {_ms(s.ttft_from_intended.p99)} ms"
+                f"; from intended send: TTFT mean {format_ms(s.ttft_from_intended.mean)} ms, "
+                f"p99 {format_ms(s.ttft_from_intended.p99)} ms"
             )
         lines.append(open_loop)
     if lag_note:
@@ -211,10 +211,10 @@ def format_requests_line(
     figures = []
     if s.ok:
         mean = " mean" if s.ok > 1 else ""
-        figures.append(f"TTFT{mean} {_ms(s.ttft.mean)} ms")
+        figures.append(f"TTFT{mean} {format_ms(s.ttft.mean)} ms")
         if s.itl.count:
-            figures.append(f"ITL mean {_ms(s.itl.mean)} ms")
-        figures.append(f"E2E{mean} {_ms(s.e2e.mean)} ms")
+            figures.append(f"ITL mean {format_ms(s.itl.mean)} ms")
+        figures.append(f"E2E{mean} {format_ms(s.e2e.mean)} ms")
         figures.append(plural(s.output_tokens_total, "output token"))
     line = f"{nodeid}: {head}"
     if figures:
@@ -414,6 +414,41 @@ class ReportedTest:
         return self.share.records
 
 
+def report_error(path: str | os.PathLike[str], why: str) -> ReportError:
+    """``Cannot read the LLM load report '<path>': <why>.``"""
+    return ReportError(f"Cannot read the LLM load report {os.fspath(path)!r}: {why}.")
+
+
+def read_report_document(
+    path: str | os.PathLike[str], *, object_hook: Callable[[dict[str, Any]], Any] | None = None
+) -> dict[str, Any]:
+    """The JSON document of a report, its version and the shape of ``tests`` checked.
+
+    ``object_hook`` is :func:`json.load`'s: it may replace each record by something smaller as
+    it is parsed, so a report of many requests never exists whole in memory. Raises
+    :class:`ReportError` (a ConfigError) with a sentence on unreadable input."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = json.load(fh, object_hook=object_hook)
+    except OSError as exc:
+        raise report_error(path, exc.strerror or str(exc)) from exc
+    except UnicodeDecodeError as exc:
+        raise report_error(path, "it is not UTF-8 text") from exc
+    except json.JSONDecodeError as exc:
+        raise report_error(
+            path, f"it is not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+        ) from exc
+    if not isinstance(doc, dict) or "tests" not in doc:
+        raise report_error(path, 'expected a JSON object with "version" and "tests"')
+    if doc.get("version") != REPORT_VERSION:
+        raise report_error(
+            path, f"unsupported version {doc.get('version')!r}, expected {REPORT_VERSION}"
+        )
+    if not isinstance(doc["tests"], list):
+        raise report_error(path, '"tests" is not a list')
+    return doc
+
+
 def read_json_report(path: str | os.PathLike[str]) -> list[ReportedTest]:
     """The tests of a report written by :func:`write_json_report`, records rebuilt.
 
@@ -421,27 +456,11 @@ def read_json_report(path: str | os.PathLike[str]) -> list[ReportedTest]:
     so records of the same test from several reports can be concatenated and summarised again.
     Raises :class:`ReportError` (a ConfigError) with a sentence on unreadable input.
     """
-    where = os.fspath(path)
 
     def bad(why: str) -> ReportError:
-        return ReportError(f"Cannot read the LLM load report {where!r}: {why}.")
+        return report_error(path, why)
 
-    try:
-        with open(path, encoding="utf-8") as fh:
-            doc = json.load(fh)
-    except OSError as exc:
-        raise bad(exc.strerror or str(exc)) from exc
-    except UnicodeDecodeError as exc:
-        raise bad("it is not UTF-8 text") from exc
-    except json.JSONDecodeError as exc:
-        raise bad(f"it is not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from exc
-    if not isinstance(doc, dict) or "tests" not in doc:
-        raise bad('expected a JSON object with "version" and "tests"')
-    if doc.get("version") != REPORT_VERSION:
-        raise bad(f"unsupported version {doc.get('version')!r}, expected {REPORT_VERSION}")
-    tests = doc["tests"]
-    if not isinstance(tests, list):
-        raise bad('"tests" is not a list')
+    tests = read_report_document(path)["tests"]
     out: list[ReportedTest] = []
     for i, entry in enumerate(tests):
         if not isinstance(entry, dict) or not isinstance(entry.get("nodeid"), str):

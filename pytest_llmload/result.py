@@ -97,13 +97,19 @@ def build_result(
 
 def failure_message(result: LoadResult) -> str | None:
     """Why this load test fails, as a message for ``pytest.fail``; None if it passes."""
+    return "\n".join(result_failures(result)) or None
+
+
+def result_failures(result: LoadResult) -> list[str]:
+    """Why this load test fails, one message per reason (empty: it passes): the parts of
+    :func:`failure_message`, and the JSON report's ``failures``."""
     from .verdict import failure_reasons
 
     records = result.records
     outcome = result.outcome
     lines = failure_reasons(records, result.slo_results, load=result.is_load_test)
     if not records and result.is_load_test:
-        return "\n".join(lines)  # made no request: that is the whole story
+        return lines  # made no request: that is the whole story
     if outcome is not None and outcome.stopped_reason == STOP_DEADLINE:
         # said even when every request failed: that the schedule could not complete is the news
         s = result.settings
@@ -111,7 +117,20 @@ def failure_message(result: LoadResult) -> str | None:
             bound=s.bound_s if s is not None else 0.0, done=outcome.jobs,
             total=s.requests if s is not None and s.requests is not None else "?",
         ))
-    return "\n".join(lines) or None
+    return lines
+
+
+def delivered(records: Sequence[RequestRecord]) -> dict[str, Any]:
+    """What the client sent: ``sent`` requests (failed ones included) over ``send_window_s``
+    (first to last send), ``send_rate_per_s`` = (sent - 1) / window (None under two sends or
+    a zero window): the load delivered, to set beside the load asked for."""
+    if not records:
+        return {"sent": 0, "send_window_s": 0.0, "send_rate_per_s": None}
+    first = min(r.start_ns for r in records)
+    last = max(r.start_ns for r in records)
+    window = (last - first) / NS
+    rate = (len(records) - 1) / window if len(records) > 1 and window > 0 else None
+    return {"sent": len(records), "send_window_s": window, "send_rate_per_s": rate}
 
 
 # -- the codec ---------------------------------------------------------------------------------
@@ -135,8 +154,14 @@ def result_to_dict(
         "interrupted": result.interrupted,
     }
     if figures:
+        if result.is_load_test:
+            # the verdict the run (or merge) gave, so every report built from the JSON shows it
+            reasons = result_failures(result)
+            entry["verdict"] = "FAIL" if reasons else "PASS"
+            entry["failures"] = reasons
         entry.update(result.summary.as_dict())
         entry["slo"] = [r.as_dict() for r in result.slo_results]
+        entry["delivered"] = delivered(result.records)
     entry["settings"] = None if result.settings is None else settings_to_dict(result.settings)
     o = result.outcome
     entry["outcome"] = None if o is None else {
@@ -285,8 +310,10 @@ __all__ = [
     "LoadResult",
     "Share",
     "build_result",
+    "delivered",
     "failure_message",
     "merge_shares",
+    "result_failures",
     "result_to_dict",
     "share_from_dict",
 ]

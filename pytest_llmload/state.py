@@ -41,6 +41,8 @@ class PluginState:
     error_log: ErrorLog | None = None
     server_targets: dict[str, Target] = field(default_factory=dict)
     """Each ``/metrics`` URL probed this session, and what it answered: tried once."""
+    rendered: list[str] = field(default_factory=list)
+    """What the reports rendered at the end of the session say (written, or why not)."""
 
     def get(self, key: str) -> object | None:
         """An option's raw value: the command line's, else the ini file's, else None."""

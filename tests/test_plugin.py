@@ -403,7 +403,8 @@ def test_unmarked_tests_make_one_measured_request_sync_and_async_without_litellm
 def test_importing_the_plugin_imports_nothing_heavy() -> None:
     code = (
         "import sys, pytest_llmload.plugin; print(sorted(m for m in sys.modules if "
-        "m.split('.')[0] in {'litellm','transformers','tiktoken','numpy','aiohttp'}))"
+        "m.split('.')[0] in {'litellm','transformers','tiktoken','numpy','aiohttp',"
+        "'matplotlib'}))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
