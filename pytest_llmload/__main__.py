@@ -1,6 +1,8 @@
 """``python -m pytest_llmload merge A.json B.json ... [--slo EXPR ...] [--report OUT.json]``
 and ``python -m pytest_llmload report RUN.json [--html OUT.html] [--markdown OUT.md]
-[--plots DIR]``.
+[--plots DIR]``,
+and ``python -m pytest_llmload compare BASE.json NEW.json [--fail EXPR ...] [--json OUT.json]``
+(see :func:`~.compare.compare_command`).
 
 ``report`` renders a saved JSON report (a run's ``--llm-report``, or a merged one) as the run's
 ``--llm-html``, ``--llm-markdown`` and ``--llm-plots`` would; with none of them it prints the
@@ -18,10 +20,12 @@ test made no request or every one of its requests failed), 2 when an input canno
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from typing import NoReturn, TextIO
 
+from .baseline import CompareCheck, parse_compare_fail
 from .errors import ConfigError
 from .merge import MSG_NOT_OVERLAPPING, merge_reports, source_labels
 from .report import format_table, read_json_report, workers_line, write_json_report
@@ -82,7 +86,53 @@ def _parser() -> argparse.ArgumentParser:
                         help="write the Markdown summary")
     report.add_argument("--plots", metavar="DIR", default=None,
                         help="write PNG plots, one file per plot and test, into DIR")
+    compare = commands.add_parser(
+        "compare",
+        help="compare every load test of a run with its entry in a baseline run",
+        description=(
+            "Compare every load test of NEW (a saved run or a --llm-report) with its entry in "
+            "BASE: per metric and statistic the baseline's figure, the new one, the change and "
+            "its confidence interval (a bootstrap over requests), and the checks NEW recorded "
+            "(--llm-compare-fail) plus --fail. Exit status: 0 when nothing regressed, 1 on a "
+            "regression, 2 when an input cannot be read or no test could be compared."
+        ),
+    )
+    compare.add_argument("base", metavar="BASE.json", help="the baseline run")
+    compare.add_argument("new", metavar="NEW.json", help="the run to check")
+    compare.add_argument(
+        "--fail", action="append", default=[], type=_check_arg, metavar="EXPR",
+        help="fail on a confident worsening beyond a tolerance, e.g. 'ttft.p99:10%%', "
+        "'itl.p50:5ms', 'error_rate:+1%%' (repeatable; wins over NEW's own check of the same "
+        "metric.stat)",
+    )
+    compare.add_argument(
+        "--json", metavar="OUT.json", default=None,
+        help="write the comparison as JSON (what --llm-report holds under 'compare')",
+    )
+    compare.add_argument(
+        "--confidence", type=_confidence_arg, default=None, metavar="C",
+        help="confidence of the change's interval. Default: 0.95",
+    )
     return parser
+
+
+def _check_arg(text: str) -> CompareCheck:
+    try:
+        return parse_compare_fail(text, "--fail")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _confidence_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.5 <= value < 1:
+        raise argparse.ArgumentTypeError(
+            f"--confidence: expected a number from 0.5 to below 1 (e.g. 0.95), got {text!r}."
+        )
+    return value
 
 
 def _bad_input(message: str, err: TextIO, command: str = "merge") -> int:
@@ -203,6 +253,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "report":
         return report_command(args.source, html=args.html, markdown=args.markdown,
                               plots=args.plots)
+    if args.command == "compare":
+        from .compare import DEFAULT_CONFIDENCE, compare_command
+
+        status: int = compare_command(
+            args.base, args.new, args.fail, json_out=args.json,
+            confidence=args.confidence if args.confidence is not None else DEFAULT_CONFIDENCE,
+        )
+        return status
     result: int = merge_command(args.reports, args.slo, args.report)
     return result
 

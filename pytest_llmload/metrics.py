@@ -437,7 +437,7 @@ def summarize(records: Iterable[RequestRecord], *, slos: Sequence[SLO] = ()) -> 
     )
 
     # -- ITL, vectorised over all chunks of all successful requests
-    itl_all, itl_lengths = _itl_samples(ok_recs)
+    itl_all, itl_lengths = itl_samples(ok_recs)
     s.itl = Stats(itl_all)
 
     # -- window and throughput
@@ -490,7 +490,7 @@ def summarize(records: Iterable[RequestRecord], *, slos: Sequence[SLO] = ()) -> 
     return s
 
 
-def _itl_samples(recs: Sequence[RequestRecord]) -> tuple[FloatArray, npt.NDArray[np.int64]]:
+def itl_samples(recs: Sequence[RequestRecord]) -> tuple[FloatArray, npt.NDArray[np.int64]]:
     """Per-token ITL samples of ``recs`` concatenated in record order, and how many each
     record contributed. Same arithmetic as :meth:`RequestRecord.itl` (bit for bit)."""
     n = len(recs)

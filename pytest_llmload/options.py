@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from . import baseline as b
 from . import config as c
 
 #: The variable the API key may come from when no option or ini key gives one.
@@ -36,6 +37,8 @@ class Option:
     """What a TOML ini file may give natively: NATIVE_INT, NATIVE_NUMBER or NATIVE_BOOL."""
     marker: bool = False
     """Also a keyword of ``@pytest.mark.llm_load(...)``."""
+    const: str | None = None
+    """The value of the option given without one (``--llm-compare`` alone)."""
 
     @property
     def cli(self) -> str:
@@ -120,6 +123,19 @@ OPTIONS: tuple[Option, ...] = (
            "OpenAI-compatible providers, litellm for the others), 'sse' (the lean reader; the "
            "endpoint must speak OpenAI's wire format) or 'litellm' (litellm.acompletion, e.g. "
            "to compare the two). Default: 'auto'.", "KIND", c.parse_transport),
+    Option("save", "save this run (its JSON report with every request) in the storage folder "
+           "as NNNN_NAME_DATE.json, to compare later runs with.", "NAME", b.parse_save_name),
+    Option("autosave", "save this run like --llm-save, named after the git commit.",
+           parse=c.parse_bool, flag=True, native=NATIVE_BOOL),
+    Option("storage", "folder of saved runs (one subfolder per machine id). "
+           f"Default: '{b.DEFAULT_STORAGE}'.", "DIR", b.parse_storage),
+    Option("compare", "compare every load test with its entry in a saved run: a number "
+           "(0003), a name (its latest run), a path, or no value for the latest saved run.",
+           "REF", b.parse_compare_ref, const=b.LATEST),
+    Option("compare_fail", "fail a load test whose figure got worse than the baseline's by "
+           "more than a tolerance, with confidence: 'ttft.p99:10%', 'itl.p50:5ms', "
+           "'error_rate:+1%' (repeatable).", "EXPR", b.parse_compare_fail_list, repeat=True,
+           marker=True),
 )
 
 BY_KEY: dict[str, Option] = {o.key: o for o in OPTIONS}

@@ -12,7 +12,7 @@ import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
     from .result import LoadResult
@@ -55,6 +55,7 @@ def write_run_report(
     results: Sequence[LoadResult],
     secrets: Sequence[str],
     interrupted: bool,
+    extra: Mapping[str, Any] | None = None,
 ) -> None:
     """The JSON report of the run: the options it ran with (the command line's over the ini
     file's, the key redacted) and every test."""
@@ -66,7 +67,7 @@ def write_run_report(
         options["api_key"] = "***"
     write_json_report(path, config=options, tests=[result_to_dict(r) for r in results],
                       secrets=secrets,
-                      interrupted=interrupted)
+                      interrupted=interrupted, extra=extra)
 
 
 ENV_STEP_SUMMARY = "GITHUB_STEP_SUMMARY"

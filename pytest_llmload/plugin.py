@@ -30,7 +30,8 @@ MARKER = "llm_load"
 MARKER_HELP = (
     "llm_load(*, requests=50, rps=5, concurrency=None, arrival='poisson', duration=None, "
     "warmup=0, timeout=60, max_tokens=None, slo=(), seed=None, include_image=False, "
-    "randomize_image_dimensions=False, server_metrics='auto', server_metrics_interval=1): run "
+    "randomize_image_dimensions=False, server_metrics='auto', server_metrics_interval=1, "
+    "compare_fail=()): run "
     "the test body once per scheduled request under load and gate its latency SLOs "
     "(pytest-llmload)."
 )
@@ -52,6 +53,9 @@ def pytest_configure(config: pytest.Config) -> None:
     from .xdist import configure as configure_xdist
 
     configure_xdist(config, state)  # the worker's share; nothing without xdist
+    from .pytest_baseline import configure_baselines
+
+    configure_baselines(config, state)
     path = state.get("error_log")
     if path is not None and state.worker_id is None:
         # an xdist worker's records go to the controller, which writes the log
@@ -215,6 +219,10 @@ def _record(item: pytest.Item, *, gate_slos: bool) -> None:
     settings = item.stash.get(SETTINGS_KEY, None)
     outcome = item.stash.get(OUTCOME_KEY, None)
     result = result_of_test(item.nodeid, llm_obj, settings, outcome, worker=state.worker_id)
+    if settings is not None:
+        from .pytest_baseline import fingerprint_of
+
+        result.fingerprint = fingerprint_of(state, item, settings, result.transport)
     state.results.append(result)
     if state.error_log is not None:
         state.error_log.write(result)
@@ -224,7 +232,9 @@ def _record(item: pytest.Item, *, gate_slos: bool) -> None:
         return
     if state.controller_gates:
         return  # a share of the load: the controller gates on the merged figures
-    why = failure_message(result)
+    from .pytest_baseline import compare_with_baseline
+
+    why = "\n".join(filter(None, [failure_message(result), *compare_with_baseline(state, result)]))
     if why:
         pytest.fail(why, pytrace=False)
 
@@ -238,19 +248,32 @@ def pytest_terminal_summary(
     """One table per load test; one line per test without the marker that made requests.
     Printing only: the verdicts were given in the call phase."""
     state = config.stash.get(STATE_KEY, None)
-    if state is None or not (state.results or state.rendered):
+    if state is None:
         return
     from .outputs import MSG_RENDER_FAILED_HEAD
+    from .pytest_baseline import MSG_SAVED, shown_path
     from .report import summary_lines
 
     tr = terminalreporter
-    loads = [r for r in state.results if r.is_load_test]
-    plain = len(loads) < len(state.results)
-    tr.write_sep("=", "LLM load summary" if loads or not plain else "LLM requests")
-    for line in summary_lines(state.results, secrets=state.secrets):
-        tr.write_line(line)
-    for line in state.rendered:
-        tr.write_line(line, red=line.startswith(MSG_RENDER_FAILED_HEAD))
+    if state.results or state.rendered:
+        loads = [r for r in state.results if r.is_load_test]
+        plain = len(loads) < len(state.results)
+        tr.write_sep("=", "LLM load summary" if loads or not plain else "LLM requests")
+        comparisons = {}
+        if state.comparisons:
+            from .compare import format_comparison
+
+            comparisons = {k: format_comparison(c) for k, c in state.comparisons.items()}
+        for line in summary_lines(state.results, secrets=state.secrets,
+                                  comparisons=comparisons):
+            tr.write_line(line, red=line.startswith("  REGRESSION"),
+                          yellow=line.startswith("  not comparable"))
+        for line in state.rendered:
+            tr.write_line(line, red=line.startswith(MSG_RENDER_FAILED_HEAD))
+    for note in state.notes:
+        tr.write_line(note, yellow=True)
+    if state.saved is not None:
+        tr.write_line(MSG_SAVED.format(path=shown_path(state.saved.path)))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -262,16 +285,20 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if getattr(session.config, "workerinput", None) is not None:
         return  # a worker's records go to the controller, which writes the reports
     from .outputs import render_reports, write_run_report
+    from .pytest_baseline import compare_section, save_run
 
     interrupted = exitstatus == pytest.ExitCode.INTERRUPTED
     path = state.get("report")
     if path is not None:
+        section = compare_section(state)
         write_run_report(str(path), cli=state.cli, ini=state.ini, results=state.results,
-                         secrets=state.secrets, interrupted=interrupted)
+                         secrets=state.secrets, interrupted=interrupted,
+                         extra={"compare": section} if section is not None else None)
     state.rendered = render_reports(
         None if path is None else str(path), cli=state.cli, ini=state.ini,
         results=state.results, secrets=state.secrets, interrupted=interrupted,
     )
+    save_run(session.config, state, interrupted=interrupted)
 
 
 __all__ = ["MARKER", "llm", "llm_endpoint", "llm_tokenizer"]

@@ -81,6 +81,9 @@ def add_options(parser: pytest.Parser) -> None:
     for o in OPTIONS:
         if o.flag:
             group.addoption(o.cli, dest=o.dest, action="store_true", default=None, help=o.help)
+        elif o.const is not None:
+            group.addoption(o.cli, dest=o.dest, metavar=o.metavar, type=_validator(o), nargs="?",
+                            const=o.const, default=None, help=o.help)
         else:
             group.addoption(o.cli, dest=o.dest, metavar=o.metavar, type=_validator(o),
                             action="append" if o.repeat else "store", default=None, help=o.help)

@@ -239,10 +239,15 @@ def workers_line(workers: Mapping[str, int]) -> str | None:
     return "workers: " + ", ".join(f"{name} {workers[name]}" for name in names)
 
 
-def summary_lines(results: Sequence[LoadResult], *, secrets: Iterable[str | None] = ()) -> list[str]:
-    """The terminal summary of a run: one table per load test, then one line per test without
-    ``llm_load`` that made requests (a grid of percentiles over a single request would be
-    noise)."""
+def summary_lines(
+    results: Sequence[LoadResult],
+    *,
+    secrets: Iterable[str | None] = (),
+    comparisons: Mapping[str, Sequence[str]] | None = None,
+) -> list[str]:
+    """The terminal summary of a run: one table per load test (and the lines of its comparison
+    with the baseline, from ``comparisons`` by test id), then one line per test without ``llm_load``
+    that made requests (a grid of percentiles over a single request would be noise)."""
     secrets = list(secrets)
     loads = [r for r in results if r.is_load_test]
     plain = [r for r in results if not r.is_load_test]
@@ -262,6 +267,7 @@ def summary_lines(results: Sequence[LoadResult], *, secrets: Iterable[str | None
             lines.append(f"  {workers}")
         if result.server is not None and result.server.scrapes:
             lines.extend(result.server.summary_lines())
+        lines.extend((comparisons or {}).get(result.nodeid, ()))
         lines.append("")
     # a server without usable /metrics is one note for the run, not one per test
     unscraped = dict.fromkeys(
@@ -349,10 +355,12 @@ def write_json_report(
     tests: Sequence[Mapping[str, Any]],
     secrets: Iterable[str | None] = (),
     interrupted: bool = False,
+    extra: Mapping[str, Any] | None = None,
 ) -> None:
     """Write ``{"version": 1, "interrupted": ..., "config": ..., "tests": [...]}`` to ``path``
     atomically (a temporary file in the same directory, then ``os.replace``), redacted.
-    Creates missing parent folders. ``interrupted``: the run was cut short (Ctrl-C)."""
+    Creates missing parent folders. ``interrupted``: the run was cut short (Ctrl-C). ``extra``:
+    more top-level keys after ``tests`` (``compare``, a saved run's ``saved``)."""
     secrets = list(secrets)
 
     def encode(obj: Any) -> str:
@@ -377,7 +385,10 @@ def write_json_report(
             for j, rec in enumerate(records):
                 yield (",\n  " if j else "\n  ") + encode(rec)
             yield "]}"
-        yield "\n]}\n"
+        yield "\n]"
+        for key, value in (extra or {}).items():
+            yield f",\n{json.dumps(str(key))}: {encode(value)}"
+        yield "}\n"
 
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -54,6 +54,9 @@ class LoadResult:
     server: ServerMetrics | None = None
     """The server's own metrics scraped during the load; None when not scraped (off, or a
     worker that left the scraping to another)."""
+    fingerprint: dict[str, Any] | None = None
+    """What a load test measured (:func:`~.baseline.fingerprint`), to tell whether a saved run
+    of it is comparable."""
 
 
 def build_result(
@@ -172,6 +175,8 @@ def result_to_dict(
     entry["origin_wall"] = origin_wall(result.records, origin)
     if result.server is not None:
         entry["server_metrics"] = result.server.as_dict(origin)
+    if result.fingerprint is not None:
+        entry["fingerprint"] = result.fingerprint
     if records:
         entry["records"] = [r.to_dict(origin) for r in result.records]
     return entry
@@ -192,6 +197,7 @@ class Share:
     slos: tuple[SLO, ...] = ()
     """The SLOs the test was checked against: its settings', or those a report recorded."""
     server: ServerMetrics | None = None
+    fingerprint: dict[str, Any] | None = None
 
 
 def _outcome_from(data: Mapping[str, Any], origin_ns: int) -> LoadOutcome:
@@ -245,6 +251,8 @@ def share_from_dict(entry: Mapping[str, Any], origin_ns: int) -> Share:
         is_load_test=entry.get("load") is not False,
         worker=None if worker is None else str(worker),
         interrupted=bool(entry.get("interrupted", False)), slos=slos, server=server,
+        fingerprint=entry.get("fingerprint") if isinstance(entry.get("fingerprint"), dict)
+        else None,
     )
 
 
@@ -290,7 +298,7 @@ def merge_shares(
     settings = next((s.settings for s in shares if s.settings is not None), None)
     if settings is not None and settings.slo != tuple(slos):
         settings = dataclasses.replace(settings, slo=tuple(slos))
-    return build_result(
+    result = build_result(
         nodeid,
         [r for s in shares for r in s.records],
         settings,
@@ -303,6 +311,8 @@ def merge_shares(
         # one worker scrapes a server they all share (see plugin._server_target)
         server=next((s.server for s in shares if s.server is not None), None),
     )
+    result.fingerprint = next((s.fingerprint for s in shares if s.fingerprint is not None), None)
+    return result
 
 
 __all__ = [

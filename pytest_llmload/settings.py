@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from .baseline import CompareCheck, merge_checks, parse_compare_fail_list
 from .config import (
     SERVER_METRICS_AUTO,
     parse_arrival,
@@ -87,6 +88,8 @@ class LoadSettings:
     server_metrics: str = SERVER_METRICS_AUTO
     """``auto``, ``off`` or the URL of the server's Prometheus ``/metrics``."""
     server_metrics_interval: float = DEFAULT_SERVER_METRICS_INTERVAL
+    compare_fail: tuple[CompareCheck, ...] = ()
+    """Checks against the baseline run (``--llm-compare-fail``)."""
 
     @property
     def closed_loop(self) -> bool:
@@ -156,6 +159,8 @@ def _fmt_duration(seconds: float) -> str:
 _CODEC: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {
     "arrival": (str, lambda text: parse_arrival(text, "arrival")),
     "slo": (lambda slos: [s.expr for s in slos], lambda exprs: parse_slo_list(list(exprs), "slo")),
+    "compare_fail": (lambda checks: [c.expr for c in checks],
+                     lambda exprs: parse_compare_fail_list(list(exprs), "compare_fail")),
 }
 
 
@@ -308,6 +313,14 @@ def _resolve_slos(src: _Sources) -> tuple[SLO, ...]:
     return tuple(slos)
 
 
+def _resolve_checks(src: _Sources) -> tuple[CompareCheck, ...]:
+    """Baseline checks add up like SLOs, but a more specific layer's check of a ``metric.stat``
+    replaces the others' (a marker's ``ttft.p99:25%`` loosens the CLI's ``ttft.p99:10%``)."""
+    layers = [parse_compare_fail_list(raw, name) for raw, name in src.layers("compare_fail")
+              if raw is not None]
+    return merge_checks(*layers)
+
+
 def resolve_settings(
     marker_kwargs: Mapping[str, object],
     cli: Mapping[str, object | None],
@@ -349,6 +362,7 @@ def resolve_settings(
         server_metrics=src.get("server_metrics", parse_server_metrics, SERVER_METRICS_AUTO),
         server_metrics_interval=src.get("server_metrics_interval", parse_duration,
                                         DEFAULT_SERVER_METRICS_INTERVAL),
+        compare_fail=_resolve_checks(src),
     )
 
 

@@ -7,11 +7,12 @@ One :class:`PluginState` per session, in ``config.stash[STATE_KEY]``; per-test v
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 if TYPE_CHECKING:
+    from .baseline import SavedRun, Storage
     from .engine import LoadOutcome
     from .mock import MockServer
     from .outputs import ErrorLog
@@ -43,6 +44,18 @@ class PluginState:
     """Each ``/metrics`` URL probed this session, and what it answered: tried once."""
     rendered: list[str] = field(default_factory=list)
     """What the reports rendered at the end of the session say (written, or why not)."""
+    storage: Storage | None = None
+    """Where runs are saved (``--llm-storage``)."""
+    baseline: SavedRun | None = None
+    """The saved run ``--llm-compare`` named (None: no comparison)."""
+    baseline_entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """The baseline's report entries by test id."""
+    comparisons: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Test id -> its comparison with the baseline (:func:`~.compare.compare_test`)."""
+    notes: list[str] = field(default_factory=list)
+    """Lines for the end of the terminal summary."""
+    saved: SavedRun | None = None
+    """This run, once saved (``--llm-save``, ``--llm-autosave``)."""
 
     def get(self, key: str) -> object | None:
         """An option's raw value: the command line's, else the ini file's, else None."""

@@ -334,6 +334,7 @@ class ControllerPlugin:
         return result
 
     def _merge(self, session: pytest.Session, *, gate: bool) -> None:
+        from .pytest_baseline import compare_with_baseline
         from .report import natural_key
         from .result import failure_message
 
@@ -351,13 +352,18 @@ class ControllerPlugin:
             self.state.results.append(result)
             if self.state.error_log is not None:
                 self.state.error_log.write(result)
+            # on the merged figures: the summary shows it in every mode, and under --dist each
+            # its regressions fail the test, as the SLOs do (a worker had only its share)
+            regressions = compare_with_baseline(self.state, result)
             if self.mode != "each" or not result.is_load_test:
                 continue
             if not all(p.get("aligned", True) for p in payloads):
                 unaligned.append(nodeid)
             if len(workers_of[nodeid]) < self.nodes:
                 missing.append(nodeid)
-            why = failure_message(result) if gate else None
+            why = (
+                "\n".join(filter(None, [failure_message(result), *regressions])) if gate else None
+            )
             xfail = next((p["xfail"] for p in payloads if p.get("xfail") is not None), None)
             if why and xfail is not None:
                 self.xfailed.append((nodeid, why, str(xfail)))

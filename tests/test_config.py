@@ -418,8 +418,9 @@ def test_load_keys_are_exactly_the_marker_keywords() -> None:
         "randomize_image_dimensions",
         "server_metrics",
         "server_metrics_interval",
+        "compare_fail",
     }
-    assert len(LOAD_KEYS) == 14
+    assert len(LOAD_KEYS) == 15
 
 
 @pytest.mark.parametrize(
@@ -1054,7 +1055,7 @@ _NON_DEFAULT: dict[str, object] = {
     "duration": 12.0, "warmup": 2, "timeout": 9.0, "max_tokens": 64,
     "slo": ["ttft.p99<2s", "error_rate<1%"], "include_image": True,
     "randomize_image_dimensions": True, "server_metrics": "http://h:9/metrics",
-    "server_metrics_interval": 0.5,
+    "server_metrics_interval": 0.5, "compare_fail": ["ttft.p99:10%", "error_rate:+1%"],
 }
 
 
@@ -1062,6 +1063,7 @@ def test_settings_codec_carries_every_field() -> None:
     import dataclasses
     import json
 
+    from pytest_llmload.baseline import parse_compare_fail_list
     from pytest_llmload.engine import parse_arrival as arrival
     from pytest_llmload.settings import settings_from_dict, settings_to_dict
     from pytest_llmload.slo import parse_slo
@@ -1072,6 +1074,7 @@ def test_settings_codec_carries_every_field() -> None:
     values = dict(_NON_DEFAULT)
     values["arrival"] = arrival(str(values["arrival"]))
     values["slo"] = tuple(parse_slo(str(e)) for e in values["slo"])  # type: ignore[attr-defined]
+    values["compare_fail"] = parse_compare_fail_list(values["compare_fail"])
     original = LoadSettings(**values)  # type: ignore[arg-type]
     for name in names:
         assert getattr(original, name) != getattr(LoadSettings(), name), name
