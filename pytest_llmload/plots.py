@@ -64,7 +64,9 @@ _STYLE: dict[str, Any] = {
     "grid.linewidth": 0.8,
     "xtick.color": "#59636e",
     "ytick.color": "#59636e",
-    "legend.frameon": False,
+    "legend.frameon": True,
+    "legend.framealpha": 0.9,
+    "legend.edgecolor": "none",
     "legend.fontsize": 8,
     "figure.dpi": 100,
 }
@@ -157,7 +159,7 @@ def _slo_lines(ax: Axes, entry: Mapping[str, Any], metric: str, scale: float,
         if data_max > 0 and x > data_max * 1.6:
             # off the scale: said in the legend, not drawn
             ax.plot([], [], color=SLO_COLOR, linestyle="--", linewidth=1.4,
-                    label=f"{label} (off scale, right)")
+                    label=f"{label} (limit beyond the axis)")
         else:
             ax.axvline(x, color=SLO_COLOR, linestyle="--", linewidth=1.4, label=label)
 
@@ -233,7 +235,10 @@ def distribution(t: TestData, prefix: str, metric: str) -> tuple[Figure, str] | 
     if values.size == 0:
         return None
     fig, (ax,) = _new(HALF)
-    hi = float(np.percentile(values, 99.9)) if values.size > 50 else float(values.max())
+    # the axis covers the body and the tail up to twice the p50-p99 distance past p99; a few
+    # outliers beyond it are counted in the last bar (and the caption says so)
+    p50, p99, top = (float(x) for x in np.percentile(values, [50, 99, 100]))
+    hi = min(top, p99 + 2 * (p99 - p50)) if values.size > 50 else top
     lo = float(values.min())
     span = hi - lo if hi > lo else max(hi, 1.0) * 0.1
     nbins = int(min(60, max(12, 2 * math.sqrt(values.size))))
@@ -251,9 +256,10 @@ def distribution(t: TestData, prefix: str, metric: str) -> tuple[Figure, str] | 
     ax.set_ylabel(f"{per}s")
     ax.legend(loc="upper right")
     caption = f"{label}, one sample per {per} ({values.size:,})"
-    if values.size > 50 and float(values.max()) > bins[-1]:
-        caption += f"; values above the 99.9th percentile are counted in the last bar " \
-                   f"(max {format_sig(float(values.max()))} ms)"
+    beyond = int((values > bins[-1]).sum())
+    if beyond:
+        caption += f"; the {beyond:,} beyond {format_sig(float(bins[-1]))} ms are counted in " \
+                   f"the last bar (max {format_sig(top)} ms)"
     return fig, caption + "."
 
 

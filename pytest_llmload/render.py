@@ -443,7 +443,8 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:18px;margin:0}h3{font-size:15px;ma
 .card{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:16px 18px;
 margin:0 0 18px}
 .head{display:flex;gap:12px;align-items:center;flex-wrap:wrap}
-table.summary td.nodeid{min-width:240px}table.summary td.l{min-width:120px}
+table.summary td.nodeid{min-width:220px}table.summary td.slos{min-width:290px}
+.slo-line{white-space:nowrap}
 .nodeid{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:14px;
 word-break:break-all}
 .badge{display:inline-block;border-radius:999px;padding:2px 10px;font-weight:600;font-size:12px;
@@ -552,21 +553,22 @@ def html_page(report: ReportData, figures: Mapping[int, Sequence[tuple[str, str,
 
 def _summary_table(loads: Sequence[tuple[int, TestData]]) -> str:
     out = [('<table class="summary"><tr><th>test</th><th class="l">verdict</th>'
-           '<th class="l">SLOs (observed [interval] vs limit)</th><th>requests</th>'
+           '<th class="l">SLOs: observed [interval] vs limit</th><th>requests</th>'
            '<th class="l">load asked</th><th class="l">sent</th></tr>')]
     for i, t in loads:
         e = t.entry
         d = delivered(e)
-        slos = "<br>".join(
-            f'<span class="slo-{_esc(r.verdict)}">{_esc(r.verdict)}</span> '
-            f'<code>{_esc(r.label)}</code> = <span data-slo="{_esc(r.label)}">{_esc(r.observed)}</span>'
+        slos = "".join(
+            f'<div class="slo-line"><span class="slo-{_esc(r.verdict)}">{_esc(r.verdict)}</span> '
+            f'<code>{_esc(r.label)}</code> = <span data-slo="{_esc(r.label)}">{_esc(r.observed)}'
+            "</span>"
             + (f" {_esc(r.interval)}" if r.interval else "")
-            + f" {_esc(r.op)} {_esc(r.limit)}"
+            + f" {_esc(r.op)} {_esc(r.limit)}</div>"
             for r in slo_rows(e)
         ) or '<span class="note">none</span>'
         out.append(
             f'<tr data-test="{i}"><td class="nodeid"><a href="#{_anchor(i)}">{_esc(t.nodeid)}</a>'
-            f'</td><td class="l">{_badge(test_verdict(e))}</td><td class="l">{slos}</td>'
+            f'</td><td class="l">{_badge(test_verdict(e))}</td><td class="l slos">{slos}</td>'
             f"<td>{_esc(requests_text(e))}</td><td class=\"l\">{_esc(d.asked)}</td>"
             f'<td class="l">{_esc(d.sent)}</td></tr>'
         )
@@ -595,12 +597,15 @@ def _test_section(i: int, t: TestData, figures: Sequence[tuple[str, str, str]]) 
     out.append("</div>")
     rows = slo_rows(e)
     if rows:
+        with_ci = any(r.interval for r in rows)
         out.append('<h3>SLOs</h3><table class="slos"><tr><th>SLO</th><th>observed</th>'
-                   '<th>interval</th><th>limit</th><th class="l">verdict</th><th>n</th></tr>')
+                   + ("<th>interval</th>" if with_ci else "")
+                   + '<th>limit</th><th class="l">verdict</th><th>n</th></tr>')
         for r in rows:
+            ci_cell = f"<td>{_esc(r.interval or '-')}</td>" if with_ci else ""
             out.append(
                 f'<tr data-slo="{_esc(r.label)}"><td><code>{_esc(r.label)}</code></td>'
-                f'<td class="observed">{_esc(r.observed)}</td><td>{_esc(r.interval or "-")}</td>'
+                f'<td class="observed">{_esc(r.observed)}</td>{ci_cell}'
                 f"<td>{_esc(r.op)} {_esc(r.limit)}</td>"
                 f'<td class="l slo-{_esc(r.verdict)}">{_esc(r.verdict)}</td><td>{r.count}</td></tr>'
             )
@@ -617,6 +622,20 @@ def _test_section(i: int, t: TestData, figures: Sequence[tuple[str, str, str]]) 
             n = _get(e, "metrics", metric, "count") or 0
             out.append(f"<tr><td>{label}</td>{cells}<td>{n}</td></tr>")
         out.append("</table>")
+    charts = {name: (name, svg, caption) for name, svg, caption in figures}
+
+    def figure(*names: str) -> None:
+        found = [charts[n] for n in names if n in charts]
+        if len(found) == 1 and names[0] in ("latency", "load", "server"):
+            out.append(_figure(*found[0]))
+        elif found:
+            out.append('<div class="grid2">' + "".join(_figure(*c) for c in found) + "</div>")
+
+    if charts:
+        out.append("<h3>Over time and distributions</h3>")
+    figure("latency")
+    figure("ttft", "itl")
+    figure("load")
     errors = e.get("errors") or []
     if errors:
         out.append('<h3>Errors</h3><table class="errors"><tr><th>type</th><th>count</th>'
@@ -631,20 +650,15 @@ def _test_section(i: int, t: TestData, figures: Sequence[tuple[str, str, str]]) 
                        f'<td>{_esc(count)}</td><td class="l mono">'
                        f'{_esc(_get(err, "message") or "")}</td></tr>')
         out.append("</table>")
-    for key, title in (("compare", "Against the baseline"), ("capacity", "Capacity"),
-                       ("server_metrics", "Server metrics")):
+        figure("errors")
+    for key, title, plot in (("compare", "Against the baseline", ""),
+                             ("capacity", "Capacity", "capacity"),
+                             ("server_metrics", "Server metrics", "server")):
         if e.get(key):
             table = _server_table(e[key]) if key == "server_metrics" else _extra_table(e[key])
             out.append(f'<h3>{title}</h3><div class="extra" data-extra="{key}">{table}</div>')
-    charts = list(figures)
-    if charts:
-        out.append("<h3>Plots</h3>")
-    wide = [c for c in charts if c[0] in ("latency", "load")]
-    pairs = [c for c in charts if c[0] not in ("latency", "load")]
-    for name, svg, caption in wide:
-        out.append(_figure(name, svg, caption))
-    if pairs:
-        out.append('<div class="grid2">' + "".join(_figure(*c) for c in pairs) + "</div>")
+            if plot:
+                figure(plot)
     out.append("</section>")
     return "\n".join(out)
 
