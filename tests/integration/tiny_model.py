@@ -17,6 +17,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,34 @@ MODEL_SHAPE: dict[str, Any] = {
 }
 
 
+@dataclass(frozen=True)
+class Variant:
+    """What differs between the servers' tiny models.
+
+    `transformers serve` takes the small shape; its generation config suppresses EOS. vLLM's CPU
+    attention kernels reject a head size of 16 (hidden 64 over 4 heads) and accept 64 (hidden 128
+    over 2 heads), and vLLM does not read `suppress_tokens`: its model has no EOS token at all, so
+    the engine has no token to stop at and every request runs to `max_tokens` there too.
+    """
+
+    shape: dict[str, Any]
+    eos: bool
+
+
+VARIANTS: dict[str, Variant] = {
+    "transformers": Variant(shape=MODEL_SHAPE, eos=True),
+    "vllm": Variant(
+        shape={
+            **MODEL_SHAPE,
+            "hidden_size": 128,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+        },
+        eos=False,
+    ),
+}
+
+
 class TokenizerNotFound(FileNotFoundError):
     """litellm, or the tokenizer file it used to ship, is not installed."""
 
@@ -75,13 +104,20 @@ def _token_id(tokenizer: Any, token: str) -> int:
     return token_id
 
 
-def build_tiny_model(dest: Path, *, seed: int = 0, tokenizer_file: Path | None = None) -> Path:
+def build_tiny_model(
+    dest: Path,
+    *,
+    seed: int = 0,
+    tokenizer_file: Path | None = None,
+    variant: str = "transformers",
+) -> Path:
     """Write a random tiny LlamaForCausalLM and its tokenizer to `dest`; return `dest`.
 
     The same seed gives the same weights, so greedy outputs repeat from run to run.
-    Generation never stops on its own: EOS is suppressed in the saved generation config, so a
-    request always produces exactly `max_tokens` tokens (finish_reason "length"). That keeps token
-    counts in load tests exact instead of hostage to a random model's chance of sampling EOS.
+    Generation never stops on its own (EOS suppressed in the saved generation config, or, for the
+    "vllm" variant, no EOS token at all), so a request always produces exactly `max_tokens` tokens
+    (finish_reason "length"). That keeps token counts in load tests exact instead of hostage to a
+    random model's chance of sampling EOS.
     """
     import torch
     from transformers import (
@@ -91,10 +127,11 @@ def build_tiny_model(dest: Path, *, seed: int = 0, tokenizer_file: Path | None =
         PreTrainedTokenizerFast,
     )
 
+    spec = VARIANTS[variant]
     tokenizer_path = tokenizer_file if tokenizer_file is not None else litellm_tokenizer_file()
     tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_file=str(tokenizer_path),
-        eos_token=EOS_TOKEN,
+        eos_token=EOS_TOKEN if spec.eos else None,
         bos_token=BOS_TOKEN,
         pad_token=PAD_TOKEN,
         model_max_length=MODEL_SHAPE["max_position_embeddings"],
@@ -108,19 +145,19 @@ def build_tiny_model(dest: Path, *, seed: int = 0, tokenizer_file: Path | None =
         # greedy model repeats the prompt's last token ("\n" forever); untied it says varied nonsense.
         tie_word_embeddings=False,
         bos_token_id=bos_id,
-        eos_token_id=eos_id,
+        eos_token_id=eos_id if spec.eos else None,
         pad_token_id=pad_id,
-        **MODEL_SHAPE,
+        **spec.shape,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
 
     model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
         bos_token_id=bos_id,
-        eos_token_id=eos_id,
+        eos_token_id=eos_id if spec.eos else None,
         pad_token_id=pad_id,
         do_sample=False,
-        suppress_tokens=[eos_id],
+        suppress_tokens=[eos_id] if spec.eos else None,
     )
 
     dest.mkdir(parents=True, exist_ok=True)
@@ -133,8 +170,12 @@ class BuildError(RuntimeError):
     """The child process that builds the model failed; the message carries its output."""
 
 
-def build_tiny_model_in_subprocess(dest: Path, *, seed: int = 0, timeout: float = 300.0) -> Path:
+def build_tiny_model_in_subprocess(
+    dest: Path, *, seed: int = 0, variant: str = "transformers", timeout: float = 300.0
+) -> Path:
     """`build_tiny_model` in a fresh interpreter (this file run as a script); return `dest`."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown tiny-model variant {variant!r}; known: {sorted(VARIANTS)}")
     env = dict(os.environ)
     env.update(
         {
@@ -146,6 +187,7 @@ def build_tiny_model_in_subprocess(dest: Path, *, seed: int = 0, timeout: float 
         }
     )
     cmd = [sys.executable, str(Path(__file__).resolve()), str(dest), "--seed", str(seed)]
+    cmd += ["--variant", variant]
     try:
         proc = subprocess.run(
             cmd,
@@ -174,8 +216,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("dest", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer-file", type=Path, default=None)
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="transformers")
     args = parser.parse_args(argv)
-    build_tiny_model(args.dest, seed=args.seed, tokenizer_file=args.tokenizer_file)
+    build_tiny_model(
+        args.dest, seed=args.seed, tokenizer_file=args.tokenizer_file, variant=args.variant
+    )
 
 
 if __name__ == "__main__":
