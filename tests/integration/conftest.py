@@ -1,4 +1,5 @@
-"""End-to-end fixtures: a tiny random Llama served by a real `transformers serve` on 127.0.0.1.
+"""End-to-end fixtures: a tiny random Llama served on 127.0.0.1 by a real `transformers serve`,
+and by vLLM (its CPU build, from a venv of its own).
 
 Every test under tests/integration/ is marked `integration` and is skipped, with the install line
 in the reason, when the `integration` extra (torch and transformers[serving]) is missing. Select or
@@ -13,13 +14,21 @@ Fixtures (session scope; one server per pytest process, so one per xdist worker)
 - `transformers_server_cb` -> the same over `--continuous-batching`: concurrent requests are
   batched. Started only by the tests that ask for it.
 
+- `vllm_server` -> VllmServer(base_url, model="tiny", model_dir, log_path, pid, max_num_seqs=4,
+  startup_s, warmup_s): vLLM serving the "vllm" variant of the tiny model (head_dim 64, no EOS).
+  Needs LLMLOAD_VLLM_PYTHON (the python of the venv `tests/integration/make_vllm_venv.sh` builds);
+  the tests that use it are marked `vllm` and skipped without it, unless LLMLOAD_REQUIRE_VLLM=1
+  (CI sets it), which makes a missing vLLM a failure. The teardown fails if any of the server's
+  processes outlives its stop.
+
 See test_server_smoke.py for the wire behaviour these servers show (chunk format, end of stream,
-usage, max_tokens, concurrency).
+usage, max_tokens, concurrency), and test_vllm.py's docstring for vLLM's.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +37,7 @@ import pytest
 
 from .tiny_model import BuildError, build_tiny_model_in_subprocess, litellm_tokenizer_file
 from .transformers_server import ServerStartError, TransformersServer, run_server
+from .vllm_server import OrphanError, VllmServer, run_vllm_server, vllm_python
 
 HERE = Path(__file__).resolve().parent
 
@@ -67,10 +77,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     skip = (
         pytest.mark.skip(reason=SKIP_REASON.format(missing=", ".join(missing))) if missing else None
     )
+    python, why_not = vllm_python()
+    skip_vllm = None if python is not None or vllm_required() else pytest.mark.skip(reason=why_not)
     for item in ours:
         item.add_marker(pytest.mark.integration)
         if skip is not None:
             item.add_marker(skip)
+        if "vllm_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.vllm)
+            if skip_vllm is not None:
+                item.add_marker(skip_vllm)
+
+
+def vllm_required() -> bool:
+    """LLMLOAD_REQUIRE_VLLM=1: a missing vLLM environment fails the vLLM tests (CI)."""
+    return os.environ.get("LLMLOAD_REQUIRE_VLLM", "") not in {"", "0"}
 
 
 @pytest.fixture(scope="session")
@@ -124,6 +145,45 @@ def transformers_server_cb(
 ) -> Iterator[TransformersServer]:
     """`transformers serve --continuous-batching`: concurrent requests share decode steps."""
     yield from _serve(tiny_model_dir, tmp_path_factory, continuous_batching=True)
+
+
+@pytest.fixture(scope="session")
+def vllm_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model as vLLM's CPU kernels take it: hidden 128 over 2 heads, no EOS token."""
+    started = time.perf_counter()
+    try:
+        path = build_tiny_model_in_subprocess(
+            tmp_path_factory.mktemp("models") / "tiny-vllm", seed=0, variant="vllm"
+        )
+    except BuildError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    _COSTS.append(f"tiny model (vllm variant) built in {time.perf_counter() - started:.1f} s")
+    return path
+
+
+@pytest.fixture(scope="session")
+def vllm_server(
+    vllm_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[VllmServer]:
+    """vLLM (CPU) serving the tiny model as "tiny", at most 4 sequences at once."""
+    python, why_not = vllm_python()
+    if python is None:
+        pytest.fail(f"LLMLOAD_REQUIRE_VLLM is set: {why_not}", pytrace=False)
+    log_path = tmp_path_factory.mktemp("vllm") / "vllm.log"
+    stopping = 0.0
+    try:
+        with run_vllm_server(python, vllm_model_dir, log_path=log_path) as server:
+            _COSTS.append(
+                f"vLLM: ready in {server.startup_s:.1f} s, warm-up request "
+                f"{server.warmup_s:.2f} s, log {server.log_path}"
+            )
+            yield server
+            stopping = time.perf_counter()
+    except ServerStartError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    except OrphanError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    _COSTS.append(f"vLLM: stopped in {time.perf_counter() - stopping:.1f} s, no process left")
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -20,10 +20,21 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 10.0
 LOG_TAIL_LINES = 40
+
+
+class Served(Protocol):
+    """What the request helpers need of a running server, whichever it is."""
+
+    @property
+    def base_url(self) -> str: ...  # "http://127.0.0.1:PORT/v1"
+
+    @property
+    def model(self) -> str: ...  # the id clients put in "model"
 
 
 class ServerStartError(RuntimeError):

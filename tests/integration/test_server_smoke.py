@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from .server_process import Served
 from .transformers_server import TransformersServer
 
 MESSAGES = [{"role": "user", "content": "Tell me a story."}]
@@ -60,7 +61,7 @@ def _content(event: dict[str, Any]) -> str:
     return content or ""
 
 
-async def stream_chat(server: TransformersServer, session: Any, **body_fields: Any) -> Stream:
+async def stream_chat(server: Served, session: Any, **body_fields: Any) -> Stream:
     """POST one streaming chat completion and read the SSE body line by line."""
     import aiohttp
 
@@ -93,7 +94,7 @@ async def stream_chat(server: TransformersServer, session: Any, **body_fields: A
     return result
 
 
-async def _stream_many(server: TransformersServer, count: int, **body_fields: Any) -> list[Stream]:
+async def _stream_many(server: Served, count: int, **body_fields: Any) -> list[Stream]:
     import aiohttp
 
     async with aiohttp.ClientSession() as session:
@@ -104,11 +105,11 @@ async def _stream_many(server: TransformersServer, count: int, **body_fields: An
         )
 
 
-def stream_many(server: TransformersServer, count: int, **body_fields: Any) -> list[Stream]:
+def stream_many(server: Served, count: int, **body_fields: Any) -> list[Stream]:
     return asyncio.run(_stream_many(server, count, **body_fields))
 
 
-def assert_complete_stream(stream: Stream, server: TransformersServer, max_tokens: int) -> None:
+def assert_complete_stream(stream: Stream, server: Served, max_tokens: int) -> None:
     assert stream.status == 200, stream.body
     assert stream.content_type.startswith("text/event-stream")
     assert not stream.stray_lines

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,7 @@ MAX_NUM_SEQS = 4
 # Three processes each import torch and vLLM (the API server, then the engine core, then its
 # worker, the last two spawned): ~45 s on a quiet 2-core machine, over 2 minutes on a busy one.
 READY_TIMEOUT_S = 420.0
+ORPHAN_GRACE_S = 5.0
 KV_BLOCK_TOKENS = 128  # vLLM's KV block on CPU: the unit of prefix caching
 
 
@@ -201,10 +203,15 @@ def run_vllm_server(
             )
         finally:
             family = [started.pid, *descendants(started.pid)]
-    # launch() stopped the process group; a helper that left the group would survive that
-    left = {pid: cmd for pid in family if (cmd := running(pid)) is not None}
+    # launch() stopped the process group; a helper that left the group would survive that. A
+    # killed process takes a moment to be gone (its command line empties first): wait a little.
+    deadline = time.monotonic() + ORPHAN_GRACE_S
+    while (left := {pid: cmd for pid in family if (cmd := running(pid)) is not None}) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.1)
     if left:
-        raise OrphanError(f"vLLM's processes outlived its stop: {left}")
+        raise OrphanError(f"vLLM's processes outlived its stop by {ORPHAN_GRACE_S:.0f} s: {left}")
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -239,6 +246,7 @@ def running(pid: int) -> str | None:
         return None
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return None
-    return cmdline.replace(b"\0", b" ").decode(errors="replace").strip()
+    return cmdline.replace(b"\0", b" ").decode(errors="replace").strip() or f"[{comm}]"
