@@ -56,7 +56,7 @@ __all__ = [
 VLLM_PYTHON_ENV = "LLMLOAD_VLLM_PYTHON"
 MAKE_VENV = "tests/integration/make_vllm_venv.sh"
 SKIP_REASON = (
-    f"no vLLM environment: build one with `bash {MAKE_VENV}` (about 4 minutes, 3.5 GB) and "
+    f"no vLLM environment: build one with `bash {MAKE_VENV}` (minutes, once: 3.5 GB under ~/.cache) and "
     f"set {VLLM_PYTHON_ENV} to the python path it prints ({{why}})"
 )
 SERVED_NAME = "tiny"
