@@ -21,6 +21,7 @@ No pytest import here, and nothing heavy at import time.
 from __future__ import annotations
 
 import http.client
+import itertools
 import math
 import threading
 import time
@@ -129,8 +130,7 @@ def metrics_url(api_base: str) -> str:
     ``http://h:8000/metrics``, ``http://h/proxy/v1/`` -> ``http://h/proxy/metrics``."""
     parts = urlsplit(api_base.strip())
     path = parts.path.rstrip("/")
-    if path.endswith("/v1"):
-        path = path[: -len("/v1")]
+    path = path.removesuffix("/v1")
     return urlunsplit((parts.scheme, parts.netloc, path + "/metrics", "", ""))
 
 
@@ -186,7 +186,7 @@ def parse_samples(text: str) -> dict[str, tuple[str, dict[str, float]]]:
     when prometheus_client cannot be imported."""
     try:
         from prometheus_client.parser import text_string_to_metric_families
-    except Exception as exc:  # noqa: BLE001 - e.g. a stdlib module shadowed on a remote worker
+    except Exception as exc:  # e.g. a stdlib module shadowed on a remote worker
         raise ParserUnavailable(
             f"prometheus_client could not be imported ({type(exc).__name__}: {exc})"
         ) from exc
@@ -362,7 +362,7 @@ class Series:
             return vals[-1]
         if stat in ("delta", "rate"):
             delta = 0.0
-            for prev, cur in zip(vals, vals[1:]):
+            for prev, cur in itertools.pairwise(vals):
                 delta += cur - prev if cur >= prev else cur  # a drop is a restart from 0
             if stat == "delta":
                 return delta

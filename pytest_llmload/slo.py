@@ -332,7 +332,7 @@ def _parse_server(text: str, left: str, op: str, right: str) -> SLO:
             text, f"unknown statistic {stat!r} for a server figure",
             "a gauge takes min, mean, max or last; a counter takes delta or rate",
         )
-    value, number, unit = _limit(text, right)
+    value, _, unit = _limit(text, right)
     if unit not in _SERVER_UNITS:
         raise _invalid(text, f"unit {unit!r} is not valid for a server figure",
                     "it takes a bare number or %")

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from pytest_llmload.config import parse_server_metrics
 from pytest_llmload.errors import ConfigError
 from pytest_llmload.metrics import summarize
 from pytest_llmload.mock import MockServer
@@ -26,10 +27,8 @@ from pytest_llmload.servermetrics import (
     prefilter,
     probe,
 )
-from pytest_llmload.config import parse_server_metrics
 from pytest_llmload.slo import parse_slo
 from pytest_llmload.verdict import evaluate
-
 from tests.test_plugin import BASE_ARGS, output, report_tests
 
 
@@ -437,8 +436,8 @@ def test_an_slo_on_a_series_the_server_lacks_fails_naming_it_and_those_it_has(
     assert result.ret == 1, text
     result.stdout.fnmatch_lines([
         "*SLO failed: server.num_gpu_fires.max < 1 could not be checked: server.num_gpu_fires is "
-        "not among the server's metrics at http://127.0.0.1:*/metrics; it exposes running, "
-        "waiting, kv_cache_usage, preemptions, requests, prompt_tokens, generation_tokens*",
+        + "not among the server's metrics at http://127.0.0.1:*/metrics; it exposes running, "
+        + "waiting, kv_cache_usage, preemptions, requests, prompt_tokens, generation_tokens*",
     ])
 
 
@@ -469,7 +468,7 @@ def test_a_server_without_metrics_is_one_note_and_no_error(
     notes = [line for line in result.outlines if line.startswith("server metrics: none")]
     assert notes == [
         f"server metrics: none, {url} did not answer with Prometheus text (HTTP 404 Not Found); "
-        "no server figures in this run (--llm-server-metrics URL to name another, or off)."
+        + "no server figures in this run (--llm-server-metrics URL to name another, or off)."
     ], text
     tests = report_tests(pytester.path / "report.json")
     assert tests["test_a"]["server_metrics"]["available"] is False
@@ -483,5 +482,5 @@ def test_a_bad_value_is_a_usage_error(pytester: pytest.Pytester, slotted: MockSe
     assert result.ret == 4
     result.stderr.fnmatch_lines([
         "*--llm-server-metrics: expected 'auto' (the endpoint's /metrics beside its base URL*"
-        "got 'ftp://h/metrics'.*",
+        + "got 'ftp://h/metrics'.*",
     ])

@@ -335,7 +335,7 @@ class MockApp:
         ``kv_cache_usage_perc`` is the share of slots in use, and only with slots; the prefix
         cache counts prompt tokens looked up and found (with ``prefix_cache``); the mock never
         preempts."""
-        label = '{model_name=%s}' % json.dumps(self.spec.model)
+        label = f"{{model_name={json.dumps(self.spec.model)}}}"
         reasons = self.success_by_reason or {"stop": 0}
         lines = [
             "# HELP vllm:num_requests_running Number of requests in model execution batches.",
