@@ -43,7 +43,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.append(str(HERE.parent))
 
-from bench_accuracy import PROMPT, Meter, figures  # noqa: E402
+from bench_accuracy import PROMPT, Meter, figures
 
 ARMS = ("off", "scrape")
 
@@ -82,7 +82,7 @@ def start_proxy(mock_base: str) -> tuple[http.server.ThreadingHTTPServer, str]:
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        def do_GET(self) -> None:
             with urllib.request.urlopen(upstream, timeout=5) as resp:
                 body = resp.read() + padding
             self.send_response(200)
