@@ -230,6 +230,11 @@ def test_load_is_measured_sanely(
     run.result.assert_outcomes(passed=1)
     run.result.stdout.fnmatch_lines(["*requests: * ok, 0 failed*measured by sse*"])
     entry = run.entry()
+    # this server has no Prometheus /metrics: server metrics (auto) are one note, never an error
+    notes = [line for line in run.result.outlines if line.startswith("server metrics: none")]
+    assert len(notes) == 1 and "/metrics did not answer with Prometheus text" in notes[0], (
+        run.result.outlines)
+    assert entry["server_metrics"]["available"] is False, entry["server_metrics"]
     assert run.report["config"]["tokenizer"] == str(server.tokenizer_file)
     assert_records_sane(entry, "sse")
     assert_itl_sane(entry, (before, after))
