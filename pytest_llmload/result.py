@@ -312,6 +312,16 @@ def merge_shares(
         server=next((s.server for s in shares if s.server is not None), None),
     )
     result.fingerprint = next((s.fingerprint for s in shares if s.fingerprint is not None), None)
+    servers = [s.server for s in shares if s.server is not None]
+    if len(servers) > 1:
+        # reports of separate runs: each one's server figures describe its own run, so a server
+        # SLO must hold on each of them (the first that breaks it is the verdict)
+        from .verdict import evaluate
+
+        for i, res in enumerate(result.slo_results):
+            if res.slo.is_server:
+                each = [evaluate([res.slo], result.summary, sm)[0] for sm in servers]
+                result.slo_results[i] = next((r for r in each if not r.passed), each[0])
     return result
 
 

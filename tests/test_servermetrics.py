@@ -484,3 +484,21 @@ def test_a_bad_value_is_a_usage_error(pytester: pytest.Pytester, slotted: MockSe
         "*--llm-server-metrics: expected 'auto' (the endpoint's /metrics beside its base URL*"
         + "got 'ftp://h/metrics'.*",
     ])
+
+
+def test_merged_reports_check_a_server_slo_on_each_report() -> None:
+    """Each report's server figures describe its own run: a server SLO must hold in each."""
+    from pytest_llmload.records import RequestRecord
+    from pytest_llmload.result import Share, merge_shares
+
+    def share(preemptions: list[float | None]) -> Share:
+        rec = RequestRecord(start_ns=0, end_ns=10**8, wall_start=1.7e9)
+        return Share("t.py::test_x", [rec], slos=(parse_slo("server.preemptions.delta==0"),),
+                     server=_server({"preemptions": preemptions}))
+
+    merged = merge_shares("t.py::test_x", [share([0, 0]), share([0, 3])])
+    (result,) = merged.slo_results
+    assert not result.passed
+    assert result.message == "SLO failed: server.preemptions.delta = 3 != 0 (n=2)"
+    merged = merge_shares("t.py::test_x", [share([0, 0]), share([1, 1])])
+    assert merged.slo_results[0].passed
