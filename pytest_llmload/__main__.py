@@ -206,6 +206,7 @@ def merge_command(
             result.nodeid, result.summary, result.slo_results, transport=result.transport,
             interrupted=result.interrupted,
             load=result.settings.describe() if result.settings is not None else None,
+            workload=result.settings is not None and bool(result.settings.describe_workload()),
         ):
             out.write(line + "\n")
         workers = workers_line(result.summary.workers)

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .engine import Arrival
     from .mock.spec import MockSpec
     from .slo import SLO
+    from .workload import DatasetSpec, LengthSpec, PrefixSpec
 
 
 # -- what each option accepts (the tail of every error sentence) ------------------------------
@@ -211,6 +212,35 @@ def parse_server_metrics(value: object, option: str = "--llm-server-metrics") ->
             except ConfigError:
                 pass
     raise expected(option, EXPECT_SERVER_METRICS, value)
+
+
+def parse_dataset(value: object, option: str = "--llm-dataset") -> DatasetSpec:
+    """A local dataset path with options (see ``workload.parse_dataset_spec``); relative paths
+    are taken from the working directory (the plugin makes them absolute first)."""
+    from .workload import parse_dataset_spec
+
+    return parse_dataset_spec(value, option)
+
+
+def parse_input_tokens(value: object, option: str = "--llm-input-tokens") -> LengthSpec:
+    """A token length: ``N``, ``uniform:a-b``, ``normal:mean,sd`` or ``N1:w1,N2:w2``."""
+    from .workload import parse_length_spec
+
+    return parse_length_spec(value, option)
+
+
+def parse_output_tokens(value: object, option: str = "--llm-output-tokens") -> LengthSpec:
+    """The output length asked for, same grammar as :func:`parse_input_tokens`."""
+    from .workload import parse_length_spec
+
+    return parse_length_spec(value, option)
+
+
+def parse_prefix(value: object, option: str = "--llm-prefix") -> PrefixSpec:
+    """Shared prefixes: ``groups=G,prefix_tokens=N``."""
+    from .workload import parse_prefix_spec
+
+    return parse_prefix_spec(value, option)
 
 
 def parse_model(value: object, option: str = "--llm-model") -> str:

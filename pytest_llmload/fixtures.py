@@ -17,6 +17,8 @@ from .state import LLM_KEY, SETTINGS_KEY, STATE_KEY, PluginState
 if TYPE_CHECKING:
     from .endpoint import Endpoint
     from .session import LLM, SessionClient
+    from .settings import LoadSettings
+    from .workload import Workload
 
 MSG_NO_MODEL = (
     "no LLM endpoint is configured: pass --llm-model (e.g. --llm-model mock for the embedded "
@@ -95,6 +97,27 @@ def llm_tokenizer(request: pytest.FixtureRequest, llm_endpoint: Endpoint) -> Any
         pytest.fail(str(exc), pytrace=False)
 
 
+def _workload(request: pytest.FixtureRequest, settings: LoadSettings | None) -> Workload | None:
+    """The test's workload (datasets, lengths, prefixes) from its settings, or for a test
+    without the marker from the command line and ini file; None when none is configured."""
+    from .settings import resolve_settings
+    from .workload import Workload
+
+    state = _state(request)
+    if settings is None:
+        try:
+            settings = resolve_settings({}, state.cli, state.ini, test_id=request.node.nodeid)
+        except ConfigError:
+            return None  # a load setting only a marker completes: no workload options then
+    if not settings.describe_workload():
+        return None
+    return Workload(
+        seed=settings.seed, dataset=settings.dataset, input_tokens=settings.input_tokens,
+        output_tokens=settings.output_tokens, prefix=settings.prefix,
+        tokenizer_spec=str(state.get("tokenizer") or "usage"), salt=state.salt,
+    )
+
+
 @pytest.fixture
 def llm(request: pytest.FixtureRequest, llm_endpoint: Endpoint) -> Iterator[LLM]:
     """``llm.stream(messages_or_prompt, **kwargs)`` / ``await llm.astream(...)``: one measured
@@ -109,7 +132,8 @@ def llm(request: pytest.FixtureRequest, llm_endpoint: Endpoint) -> Iterator[LLM]
         # a bad --llm-tokenizer, found out when it is first needed: the run stops, as for any
         # bad option value, rather than every test failing with the same traceback
         pytest.exit(str(exc), returncode=pytest.ExitCode.USAGE_ERROR)
-    obj = LLM(client, item.stash.get(SETTINGS_KEY, None))
+    settings = item.stash.get(SETTINGS_KEY, None)
+    obj = LLM(client, settings, workload=_workload(request, settings))
     item.stash[LLM_KEY] = obj
     yield obj
 

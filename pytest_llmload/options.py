@@ -136,6 +136,21 @@ OPTIONS: tuple[Option, ...] = (
            "more than a tolerance, with confidence: 'ttft.p99:10%', 'itl.p50:5ms', "
            "'error_rate:+1%' (repeatable).", "EXPR", b.parse_compare_fail_list, repeat=True,
            marker=True),
+    Option("dataset", "prompts from a local dataset: a ShareGPT .json/.jsonl, a .jsonl of "
+           "{'prompt'} or {'messages'} rows, or a Hugging Face datasets folder/file "
+           "(PATH[,column=NAME][,split=NAME]); llm.stream() without a prompt sends the next "
+           "row, shuffled by the test's seed. Never downloaded.", "SPEC", c.parse_dataset,
+           marker=True),
+    Option("input_tokens", "synthetic prompts of exactly this many tokens for llm.stream() "
+           "without a prompt: N, uniform:a-b, normal:mean,sd or 200:0.7,2000:0.3.", "SPEC",
+           c.parse_input_tokens, native=NATIVE_INT, marker=True),
+    Option("output_tokens", "output length asked of every request (max_tokens, and "
+           "ignore_eos/min_tokens so the server does not stop early); same grammar as "
+           "--llm-input-tokens.", "SPEC", c.parse_output_tokens, native=NATIVE_INT,
+           marker=True),
+    Option("prefix", "shared system prompts: groups=G,prefix_tokens=N starts every request "
+           "with one of G prefixes of N tokens (prefix caching).", "SPEC", c.parse_prefix,
+           marker=True),
 )
 
 BY_KEY: dict[str, Option] = {o.key: o for o in OPTIONS}

@@ -31,7 +31,7 @@ MARKER_HELP = (
     "llm_load(*, requests=50, rps=5, concurrency=None, arrival='poisson', duration=None, "
     "warmup=0, timeout=60, max_tokens=None, slo=(), seed=None, include_image=False, "
     "randomize_image_dimensions=False, server_metrics='auto', server_metrics_interval=1, "
-    "compare_fail=()): run "
+    "compare_fail=(), dataset=None, input_tokens=None, output_tokens=None, prefix=None): run "
     "the test body once per scheduled request under load and gate its latency SLOs "
     "(pytest-llmload)."
 )
@@ -49,6 +49,13 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
     cli, ini = read_options(config)
     state = PluginState(cli=cli, ini=ini)
+    # one salt per run (the same on every xdist worker) for synthetic prompt text
+    workerinput = getattr(config, "workerinput", None)
+    state.salt = str(workerinput.get("testrunuid", "")) if workerinput else ""
+    if not state.salt:
+        import secrets
+
+        state.salt = secrets.token_hex(8)
     config.stash[STATE_KEY] = state
     from .xdist import configure as configure_xdist
 
@@ -119,9 +126,17 @@ def pytest_collection_modifyitems(
         marker = item.get_closest_marker(MARKER)
         if marker is None:
             continue
+        kwargs = dict(marker.kwargs)
         try:
+            if isinstance(kwargs.get("dataset"), str):
+                # a marker's dataset path is relative to its test file
+                from .workload import parse_dataset_spec
+
+                kwargs["dataset"] = parse_dataset_spec(
+                    kwargs["dataset"], "llm_load(dataset=...)", base=item.path.parent
+                )
             item.stash[SETTINGS_KEY] = resolve_settings(
-                marker.kwargs, state.cli, state.ini, test_id=item.nodeid, marker_args=marker.args
+                kwargs, state.cli, state.ini, test_id=item.nodeid, marker_args=marker.args
             )
         except ConfigError as exc:
             raise pytest.UsageError(f"{item.nodeid}: {exc}") from None

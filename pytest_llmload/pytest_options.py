@@ -102,7 +102,7 @@ def read_options(config: pytest.Config) -> tuple[RawValues, RawValues]:
         ini[o.key] = None if value is None or (isinstance(value, str | list) and not value) else value
     for key, value in ini.items():
         parse = BY_KEY[key].parse
-        if value is not None and parse is not None:
+        if value is not None and parse is not None and key != "dataset":  # dataset: below
             try:
                 parse(value, BY_KEY[key].ini_label)
             except ConfigError as exc:
@@ -124,6 +124,17 @@ def read_options(config: pytest.Config) -> tuple[RawValues, RawValues]:
             try:
                 require_plotting(BY_KEY[key].cli if cli.get(key) is not None
                                  else BY_KEY[key].ini_label)
+            except ConfigError as exc:
+                raise pytest.UsageError(str(exc)) from None
+    # dataset paths likewise: relative to where pytest started, or to the ini file
+    from .workload import parse_dataset_spec
+
+    o = BY_KEY["dataset"]
+    for layer, base, name in ((cli, config.invocation_params.dir, o.cli),
+                              (ini, ini_dir, o.ini_label)):
+        if layer.get("dataset") is not None:
+            try:
+                layer["dataset"] = str(parse_dataset_spec(layer["dataset"], name, base=base))
             except ConfigError as exc:
                 raise pytest.UsageError(str(exc)) from None
     if cli.get("api_key") is None and ini.get("api_key") is None and os.environ.get(ENV_API_KEY):

@@ -85,12 +85,15 @@ def format_table(
     interrupted: bool = False,
     secrets: Iterable[str | None] = (),
     load: str | None = None,
+    workload: bool = False,
 ) -> list[str]:
     """The per-test block of the terminal summary, as lines (no trailing newlines).
 
     ``transport`` overrides the transports seen in the records; ``lag_note`` is an extra line
     about the schedule (e.g. that the client fell behind); ``load`` describes the load that was
-    asked for (``40 requests at 10 req/s (poisson)``); error messages are redacted.
+    asked for (``40 requests at 10 req/s (poisson)``); error messages are redacted. With
+    ``workload`` (datasets, token lengths or prefixes were configured) the tokens per request
+    and the prefix cache are shown even when nothing was cached.
     """
     s = summary
     head = f"LLM load: {nodeid}"
@@ -138,7 +141,7 @@ def format_table(
                 f", goodput {_rate(s.goodput, 'req/s')} ({s.good}/{s.ok} met the latency SLOs)"
             )
         lines.append(throughput)
-    lines.extend(_workload_lines(s))
+    lines.extend(_workload_lines(s, workload))
     if s.schedule_lag.count:
         open_loop = f"  open loop: schedule lag p99 {format_ms(s.schedule_lag.p99)} ms"
         if s.ttft_from_intended.count:
@@ -166,7 +169,7 @@ def format_table(
     return [_redact(line, usable) for line in lines]
 
 
-def _workload_lines(s: Summary) -> list[str]:
+def _workload_lines(s: Summary, workload: bool = False) -> list[str]:
     """What the workload features measured: reasoning, conversations, lengths, the cache."""
     lines = []
     if s.reasoned:
@@ -179,7 +182,7 @@ def _workload_lines(s: Summary) -> list[str]:
             f"  conversations: the schedule counted {plural(s.conversations, 'conversation')}"
             f" ({plural(s.turns, 'turn')}, one request each)"
         )
-    if s.input_tokens.count and s.ok:
+    if workload and s.input_tokens.count and s.ok:
         lines.append(
             f"  tokens per request: input mean {format_sig(s.input_tokens.mean or 0)} "
             f"(p50 {format_sig(s.input_tokens.p50 or 0)}, max {format_sig(s.input_tokens.max or 0)})"
@@ -190,7 +193,7 @@ def _workload_lines(s: Summary) -> list[str]:
             f"  output length: {s.short}/{s.targeted} came up short of their target "
             f"({_pct(s.short_rate)})"
         )
-    if s.cache_reported:
+    if s.cache_reported and (workload or s.cached_tokens_total):
         lines.append(
             f"  prefix cache: {_pct(s.cache_hit_rate)} of prompt tokens cached; "
             f"{s.cache_hits}/{s.cache_reported} requests hit"
@@ -261,6 +264,7 @@ def summary_lines(
             result.nodeid, result.summary, result.slo_results, transport=result.transport,
             interrupted=interrupted or bool(result.summary.interrupted), secrets=secrets,
             load=result.settings.describe() if result.settings is not None else None,
+            workload=result.settings is not None and bool(result.settings.describe_workload()),
         ))
         workers = workers_line(result.summary.workers)
         if workers:

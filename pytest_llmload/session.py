@@ -34,12 +34,15 @@ from .settings import LoadSettings
 if TYPE_CHECKING:
     from .servermetrics import ServerMetrics, Target
     from .tokens import Tokenizer
+    from .workload import Draw, Row, Workload
 
 #: Threads for sync bodies when no concurrency cap says how many requests may be in flight.
 DEFAULT_SYNC_THREADS = 64
 #: Images made before the schedule starts; past them, the feed keeps this many made ahead while
 #: the load runs (each 1024x512 PNG is about 140 kB as a data URL, 6-15 ms of CPU to make).
 IMAGES_AHEAD = 256
+#: Workload prompts built before the schedule starts.
+PROMPTS_AHEAD = 1024
 #: How often the progress line is refreshed during a long load test (seconds).
 PROGRESS_EVERY = 5.0
 
@@ -50,6 +53,11 @@ class _JobState:
 
     intended_start_ns: int | None
     warmup: bool
+    index: int | None = None
+    """The job's index in the schedule (negative for warm-ups)."""
+    draws: dict[str, int] = field(default_factory=dict)
+    """Workload draws this job made, by kind (the first of each kind takes the job's own
+    position: a conversation's prefix is the one the job's prompt would have had)."""
     image: Any = None
     records: list[RequestRecord] = field(default_factory=list)
     requests: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -127,13 +135,37 @@ class SessionClient:
         self._loop = None
 
 
+#: Workload positions of warm-up jobs and of draws beyond a job's first: far past any schedule,
+#: so they never take a scheduled job's prompt (and never warm its cache).
+WARMUP_POSITION = 1 << 40
+EXTRA_POSITION = 1 << 41
+
+MSG_NO_PROMPT = (
+    "llm.{method}() was called without a prompt, and no workload gives one: pass messages or a "
+    "prompt, or configure --llm-dataset or --llm-input-tokens (marker keywords dataset= and "
+    "input_tokens=)."
+)
+MSG_NO_DATASET = (
+    "llm.next_row() needs a dataset: configure --llm-dataset (or the marker keyword dataset=)."
+)
+
+
 class LLM:
     """The ``llm`` fixture: ``stream()`` and ``await astream()`` each make one measured streaming
     request. Inside an ``llm_load`` test every call is part of the load."""
 
-    def __init__(self, session_client: SessionClient, settings: LoadSettings | None) -> None:
+    def __init__(
+        self,
+        session_client: SessionClient,
+        settings: LoadSettings | None,
+        workload: Workload | None = None,
+    ) -> None:
         self.session_client = session_client
         self._settings = settings
+        self.workload = workload
+        """Prompts and lengths from --llm-dataset/--llm-input-tokens/--llm-output-tokens/
+        --llm-prefix; None when none of them is configured."""
+        self._conversations = itertools.count()
         self.records: list[RequestRecord] = []
         """Every counted request this test made, in completion order."""
         self._records_lock = threading.Lock()
@@ -157,9 +189,111 @@ class LLM:
 
         return sink
 
+    # -- the workload ---------------------------------------------------------------------
+
+    def _position(self, kind: str = "prompt") -> int:
+        assert self.workload is not None
+        state = _job.get()
+        if state is None or state.index is None:
+            return self.workload.next_position()  # a plain test: rows in seeded order
+        n = state.draws[kind] = state.draws.get(kind, 0) + 1
+        if n > 1:
+            return EXTRA_POSITION + self.workload.next_position()
+        if state.warmup:
+            return WARMUP_POSITION + (-state.index - 1)
+        return state.index
+
+    def _draw(self, kind: str = "prompt") -> Draw | None:
+        return None if self.workload is None else self.workload.draw(self._position(kind))
+
+    def next_prompt(self) -> list[dict[str, Any]]:
+        """The messages the next prompt-less ``llm.stream()`` of this body would send (a dataset
+        row or a synthetic prompt, after the shared prefix), drawn now."""
+        draw = self._draw()
+        if draw is None or not draw.messages:
+            raise TypeError(MSG_NO_PROMPT.format(method="next_prompt"))
+        return draw.compose()
+
+    def next_row(self) -> Row:
+        """The next dataset row (seeded order). ``row.user_turns`` are its user messages: send
+        them one by one with ``llm.chat().send(text)`` to replay the conversation with the
+        model's own replies as history."""
+        if self.workload is None or self.workload.dataset is None:
+            raise TypeError(MSG_NO_DATASET)
+        return self.workload.row(self._position())
+
+    def chat(
+        self, system: str | None = None, *, think_time: float | str | None = None
+    ) -> Conversation:
+        """A conversation: each ``send(text)`` / ``await asend(text)`` streams one turn with the
+        whole history, the model's real replies included. ``think_time`` (seconds, or '2s')
+        passes before every turn after the first. In an ``llm_load`` test one body invocation
+        can be one conversation: the schedule then counts conversations."""
+        from .config import parse_duration
+
+        pause = 0.0 if think_time is None else parse_duration(think_time, "think_time")
+        return Conversation(self, system, pause, next(self._conversations))
+
+    def _apply_workload(
+        self,
+        messages_or_prompt: str | Sequence[Mapping[str, Any]] | None,
+        kwargs: dict[str, Any],
+        method: str,
+        draw: Draw | None = None,
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The messages to send and the record's meta, with the workload's prompt (when none was
+        given), shared prefix and output target applied."""
+        from .client import to_messages
+
+        meta: dict[str, Any] = {}
+        if draw is None and self.workload is not None:
+            draw = self._draw()
+        if draw is None:
+            if messages_or_prompt is None:
+                raise TypeError(MSG_NO_PROMPT.format(method=method))
+            return to_messages(messages_or_prompt), meta
+        if messages_or_prompt is None:
+            if not draw.messages:
+                raise TypeError(MSG_NO_PROMPT.format(method=method))
+            messages = draw.compose()
+            if draw.known_input_tokens is not None:
+                meta["input_tokens"] = draw.known_input_tokens
+            if draw.max_tokens is not None and draw.target_output_tokens is None:
+                kwargs.setdefault("max_tokens", draw.max_tokens)  # a dataset row's own cap
+        else:
+            messages = draw.compose(to_messages(messages_or_prompt))
+        if draw.target_output_tokens is not None and "max_tokens" not in kwargs:
+            kwargs.update(self._target_fields(draw))
+            meta["target_output_tokens"] = draw.target_output_tokens
+        return messages, meta
+
+    def _target_fields(self, draw: Draw) -> dict[str, Any]:
+        """max_tokens, and the fields that ask the server to ignore EOS: vLLM's (and SGLang's,
+        TGI's OpenAI route ignores unknown ones); litellm takes them as ``extra_body``."""
+        fields = draw.request_kwargs()
+        client = self.session_client.client
+        if client.transport == "litellm":
+            extra = {k: fields.pop(k) for k in ("ignore_eos", "min_tokens") if k in fields}
+            if extra:
+                fields["extra_body"] = extra
+        return fields
+
     def _request(
-        self, messages_or_prompt: str | Sequence[Mapping[str, Any]], kwargs: dict[str, Any]
+        self,
+        messages_or_prompt: str | Sequence[Mapping[str, Any]] | None,
+        kwargs: dict[str, Any],
+        method: str = "stream",
+        meta: dict[str, Any] | None = None,
     ) -> Any:
+        from .client import to_messages
+
+        if kwargs.pop("_raw", False):  # a conversation's turn: its history is already whole
+            assert messages_or_prompt is not None
+            messages, drawn_meta = to_messages(messages_or_prompt), {}
+        else:
+            messages, drawn_meta = self._apply_workload(messages_or_prompt, kwargs, method)
+        if meta:
+            drawn_meta.update(meta)
         state = _job.get()
         intended = None
         if state is not None:
@@ -174,15 +308,17 @@ class LLM:
                 kwargs.setdefault("max_tokens", s.max_tokens)
             kwargs.setdefault("timeout", s.timeout)
         return self.session_client.client.astream(
-            messages_or_prompt, intended_start_ns=intended, sink=self._sink(state), **kwargs
+            messages, intended_start_ns=intended, sink=self._sink(state),
+            meta=drawn_meta or None, **kwargs
         )
 
     async def astream(
-        self, messages_or_prompt: str | Sequence[Mapping[str, Any]], **kwargs: Any
+        self, messages_or_prompt: str | Sequence[Mapping[str, Any]] | None = None, **kwargs: Any
     ) -> StreamResult:
-        """Stream one chat completion; raises ``StreamError`` if the request failed."""
+        """Stream one chat completion; raises ``StreamError`` if the request failed. Without a
+        prompt, the workload's next one (``--llm-dataset``, ``--llm-input-tokens``)."""
         __tracebackhide__ = True
-        coro = self._request(messages_or_prompt, kwargs)
+        coro = self._request(messages_or_prompt, kwargs, "astream", kwargs.pop("_meta", None))
         loop = self.session_client.loop
         try:
             if loop.in_loop_thread:
@@ -198,11 +334,11 @@ class LLM:
         return result
 
     def stream(
-        self, messages_or_prompt: str | Sequence[Mapping[str, Any]], **kwargs: Any
+        self, messages_or_prompt: str | Sequence[Mapping[str, Any]] | None = None, **kwargs: Any
     ) -> StreamResult:
         """Blocking twin of :meth:`astream`, for sync tests and sync load bodies."""
         __tracebackhide__ = True
-        coro = self._request(messages_or_prompt, kwargs)
+        coro = self._request(messages_or_prompt, kwargs, "stream", kwargs.pop("_meta", None))
         state = _job.get()
         if state is not None:
             coro = _supervised(coro, state)
@@ -217,6 +353,79 @@ class LLM:
                 raise asyncio.CancelledError from None
             raise
         return result
+
+
+class Conversation:
+    """A multi-turn conversation (``llm.chat()``). Every turn is one measured request whose
+    record carries the conversation's id and the turn's index."""
+
+    def __init__(self, llm: LLM, system: str | None, think_time: float, number: int) -> None:
+        import os
+
+        self._llm = llm
+        self.id = f"{os.urandom(4).hex()}-{number}"
+        self.think_time = think_time
+        self.messages: list[dict[str, Any]] = []
+        """The history: the system prompt, then every user turn and the model's reply to it."""
+        self.results: list[StreamResult] = []
+        self._draw: Draw | None = None
+        if llm.workload is not None:
+            # one prefix and output target for the whole conversation
+            self._draw = llm._draw("chat")
+            if self._draw.prefix is not None:
+                self.messages.append({"role": "system", "content": self._draw.prefix})
+        if system is not None:
+            self.messages.append({"role": "system", "content": system})
+
+    @property
+    def turn(self) -> int:
+        """Turns sent so far (successful ones: a failed turn leaves the history as it was)."""
+        return len(self.results)
+
+    def _prepare(self, text: str | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        if text is None:
+            if self._llm.workload is None:
+                raise TypeError(MSG_NO_PROMPT.format(method="chat().send"))
+            prompt = self._llm._draw()
+            if prompt is None or not prompt.messages:
+                raise TypeError(MSG_NO_PROMPT.format(method="chat().send"))
+            text = str(prompt.messages[-1].get("content") or "")
+        return (
+            [*self.messages, {"role": "user", "content": text}],
+            {"conversation": self.id, "turn": self.turn},
+        )
+
+    def _kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        draw = self._draw
+        if draw is not None and draw.target_output_tokens is not None and "max_tokens" not in kwargs:
+            kwargs.update(self._llm._target_fields(draw))
+        return kwargs
+
+    def _keep(self, sent: list[dict[str, Any]], result: StreamResult) -> StreamResult:
+        if self._draw is not None and self._draw.target_output_tokens is not None:
+            result.record.target_output_tokens = self._draw.target_output_tokens
+        self.messages = [*sent, {"role": "assistant", "content": result.text}]
+        self.results.append(result)
+        return result
+
+    def send(self, text: str | None = None, **kwargs: Any) -> StreamResult:
+        """Stream the next turn (blocking): ``text`` after the whole history; without text, the
+        workload's next prompt. Returns the turn's result; its reply joins the history."""
+        __tracebackhide__ = True
+        sent, meta = self._prepare(text)
+        if self.results and self.think_time:
+            time.sleep(self.think_time)
+        return self._keep(sent, self._llm.stream(
+            sent, _meta=meta, **self._kwargs(kwargs), _raw=True))
+
+    async def asend(self, text: str | None = None, **kwargs: Any) -> StreamResult:
+        """Async twin of :meth:`send`."""
+        __tracebackhide__ = True
+        sent, meta = self._prepare(text)
+        if self.results and self.think_time:
+            await asyncio.sleep(self.think_time)
+        return self._keep(sent, await self._llm.astream(
+            sent, _meta=meta, **self._kwargs(kwargs), _raw=True))
 
 
 async def _supervised(coro: Coroutine[Any, Any, StreamResult], state: _JobState) -> StreamResult:
@@ -335,6 +544,16 @@ def run_load_test(
             salt=secrets.randbits(64),
         )
         images = ImageFeed(factory, image_order(plan), ahead=_images_ahead(plan))
+    if llm.workload is not None and llm.workload.active:
+        # the first prompts made now, before the clock: a dataset read, a tokenizer loaded and
+        # prompts built are no work for the loop while requests stream
+        from .errors import ConfigError
+
+        ahead = itertools.islice(image_order(plan), PROMPTS_AHEAD)
+        try:
+            llm.workload.prepare([WARMUP_POSITION - i - 1 if i < 0 else i for i in ahead])
+        except ConfigError as exc:
+            pytest.fail(str(exc), pytrace=False)
     threads = None if is_async else ThreadPoolExecutor(
         max_workers=plan.my_concurrency or DEFAULT_SYNC_THREADS, thread_name_prefix="llm_load"
     )
@@ -352,7 +571,7 @@ def run_load_test(
     verdicts: list[BaseException] = []
 
     async def job(ctx: JobContext) -> None:
-        state = _JobState(ctx.intended_start_ns, ctx.warmup)
+        state = _JobState(ctx.intended_start_ns, ctx.warmup, index=ctx.index)
         if images is not None:
             state.image = await images.get(ctx.index)  # made ahead, off the loop
         token = _job.set(state)

@@ -20,7 +20,11 @@ from .config import (
     parse_bool,
     parse_concurrency,
     parse_count,
+    parse_dataset,
     parse_duration,
+    parse_input_tokens,
+    parse_output_tokens,
+    parse_prefix,
     parse_nonneg_int,
     parse_rate,
     parse_seed,
@@ -34,6 +38,7 @@ from .options import BY_KEY, LOAD_KEYS
 if TYPE_CHECKING:
     from .engine import Arrival
     from .slo import SLO
+    from .workload import DatasetSpec, LengthSpec, PrefixSpec
 
 T = TypeVar("T")
 
@@ -90,6 +95,10 @@ class LoadSettings:
     server_metrics_interval: float = DEFAULT_SERVER_METRICS_INTERVAL
     compare_fail: tuple[CompareCheck, ...] = ()
     """Checks against the baseline run (``--llm-compare-fail``)."""
+    dataset: DatasetSpec | None = None
+    input_tokens: LengthSpec | None = None
+    output_tokens: LengthSpec | None = None
+    prefix: PrefixSpec | None = None
 
     @property
     def closed_loop(self) -> bool:
@@ -135,7 +144,28 @@ class LoadSettings:
         if self.include_image:
             size = "1024 wide, 100-1024 high" if self.randomize_image_dimensions else "1024x512"
             loop += f", with an image each ({size})"
+        workload = self.describe_workload()
+        if workload:
+            loop += f"; {workload}"
         return loop
+
+    def describe_workload(self) -> str:
+        """``dataset sharegpt.json, output tokens 128, 8 shared prefixes of 1024 tokens``; ''
+        when the test sends only the prompts its body writes."""
+        parts = []
+        if self.dataset is not None:
+            import os.path
+
+            parts.append(f"dataset {os.path.basename(self.dataset.path)}")
+        if self.input_tokens is not None:
+            parts.append(f"input tokens {self.input_tokens}")
+        if self.output_tokens is not None:
+            parts.append(f"output tokens {self.output_tokens}")
+        if self.prefix is not None:
+            parts.append(
+                f"{self.prefix.groups} shared prefixes of {self.prefix.prefix_tokens} tokens"
+            )
+        return ", ".join(parts)
 
 
 def _fmt_number(x: float) -> str:
@@ -154,6 +184,26 @@ def _fmt_duration(seconds: float) -> str:
 
 # -- the codec: settings as plain data ---------------------------------------------------------
 
+
+def _text_or_none(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def _or_none(parse: Callable[[object, str], T], value: object, name: str) -> T | None:
+    return None if value is None else parse(value, name)
+
+
+def _dataset(data: object) -> DatasetSpec | None:
+    from .workload import DatasetSpec
+
+    if data is None:
+        return None
+    if not isinstance(data, Mapping) or not isinstance(data.get("path"), str):
+        raise ConfigError(f"dataset: expected the dataset's path and options, got {show(data)}.")
+    return DatasetSpec(str(data["path"]), data.get("column"), data.get("split"),
+                       str(data.get("format") or "auto"))
+
+
 #: Fields that are not plain data, with how each is written and read back. Every other field
 #: of LoadSettings is a number, a bool or None and travels as it is.
 _CODEC: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {
@@ -161,6 +211,11 @@ _CODEC: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {
     "slo": (lambda slos: [s.expr for s in slos], lambda exprs: parse_slo_list(list(exprs), "slo")),
     "compare_fail": (lambda checks: [c.expr for c in checks],
                      lambda exprs: parse_compare_fail_list(list(exprs), "compare_fail")),
+    # the dataset's path need not exist where a report is read
+    "dataset": (lambda d: None if d is None else dataclasses.asdict(d), lambda d: _dataset(d)),
+    "input_tokens": (_text_or_none, lambda t: _or_none(parse_input_tokens, t, "input_tokens")),
+    "output_tokens": (_text_or_none, lambda t: _or_none(parse_output_tokens, t, "output_tokens")),
+    "prefix": (_text_or_none, lambda t: _or_none(parse_prefix, t, "prefix")),
 }
 
 
@@ -188,7 +243,10 @@ def settings_from_dict(data: Mapping[str, Any]) -> LoadSettings:
 # -- resolution: marker over CLI over ini over default --------------------------------------------
 
 #: Keys where a marker's ``None`` means "none" (no cap, no duration ...) rather than a bad value.
-_NULLABLE = frozenset({"requests", "rps", "concurrency", "duration", "max_tokens"})
+_NULLABLE = frozenset({
+    "requests", "rps", "concurrency", "duration", "max_tokens",
+    "dataset", "input_tokens", "output_tokens", "prefix",
+})
 
 
 def check_marker(args: Sequence[object], kwargs: Mapping[str, object]) -> None:
@@ -363,6 +421,10 @@ def resolve_settings(
         server_metrics_interval=src.get("server_metrics_interval", parse_duration,
                                         DEFAULT_SERVER_METRICS_INTERVAL),
         compare_fail=_resolve_checks(src),
+        dataset=src.get_optional("dataset", parse_dataset),
+        input_tokens=src.get_optional("input_tokens", parse_input_tokens),
+        output_tokens=src.get_optional("output_tokens", parse_output_tokens),
+        prefix=src.get_optional("prefix", parse_prefix),
     )
 
 

@@ -56,6 +56,9 @@ class PluginState:
     """Lines for the end of the terminal summary."""
     saved: SavedRun | None = None
     """This run, once saved (``--llm-save``, ``--llm-autosave``)."""
+    salt: str = ""
+    """Mixed into synthetic prompt text: new per run (one per xdist run), so a server's prefix
+    cache never holds a previous run's prompts."""
 
     def get(self, key: str) -> object | None:
         """An option's raw value: the command line's, else the ini file's, else None."""

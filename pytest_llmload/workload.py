@@ -546,6 +546,10 @@ class PromptBuilder:
         return text
 
 
+#: Tokens of the question that follows a shared prefix when nothing else gives the prompt.
+QUESTION_TOKENS = 16
+
+
 # -- drawing a request ---------------------------------------------------------------------------
 
 
@@ -554,13 +558,32 @@ class Draw:
     """What one request of the workload sends, and what the records note about it."""
 
     messages: list[dict[str, Any]]
+    """The prompt drawn (a dataset row, a synthetic prompt), without the shared prefix; empty
+    when the workload has neither a dataset nor input lengths."""
     max_tokens: int | None = None
     target_output_tokens: int | None = None
     """Set by ``--llm-output-tokens``: the length the server was asked for (EOS ignored)."""
     input_tokens: int | None = None
     """The prompt's length as the prompt tokenizer counts it (synthetic prompts)."""
     prefix_group: int | None = None
+    prefix: str | None = None
+    """The shared system prompt of ``prefix_group``."""
+    prefix_tokens: int = 0
     row: Row | None = None
+
+    def compose(self, messages: Sequence[Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """What to send: ``messages`` (else the drawn prompt) after the shared prefix, if any."""
+        base = [dict(m) for m in (self.messages if messages is None else messages)]
+        if self.prefix is not None:
+            base.insert(0, {"role": "system", "content": self.prefix})
+        return base
+
+    @property
+    def known_input_tokens(self) -> int | None:
+        """The drawn prompt's length with its prefix, when both are of known length."""
+        if self.input_tokens is None:
+            return None
+        return self.input_tokens + (self.prefix_tokens if self.prefix is not None else 0)
 
     def request_kwargs(self, ignore_eos: bool = True) -> dict[str, Any]:
         """Body fields for the request: the output cap, and vLLM's ``ignore_eos``/``min_tokens``
@@ -600,20 +623,6 @@ class Workload:
     def active(self) -> bool:
         """True when the workload decides what a prompt-less ``llm.stream()`` sends."""
         return self.dataset is not None or self.input_tokens is not None or self.prefix is not None
-
-    def describe(self) -> str:
-        parts = []
-        if self.dataset is not None:
-            parts.append(f"dataset {Path(self.dataset.path).name}")
-        if self.input_tokens is not None:
-            parts.append(f"input tokens {self.input_tokens}")
-        if self.output_tokens is not None:
-            parts.append(f"output tokens {self.output_tokens}")
-        if self.prefix is not None:
-            parts.append(
-                f"{self.prefix.groups} shared prefixes of {self.prefix.prefix_tokens} tokens"
-            )
-        return ", ".join(parts)
 
     # -- lazily loaded parts
 
@@ -713,19 +722,19 @@ class Workload:
             input_tokens = n
         else:
             messages = []
-        group = None
+        group = prefix = None
+        prefix_tokens = 0
         if self.prefix is not None:
             group = self._rng("group", position).randrange(self.prefix.groups)
             prefix = self.prefix_text(group)
-            messages.insert(0, {"role": "system", "content": prefix})
-            if input_tokens is not None:
-                input_tokens += self.prefix.prefix_tokens
-            if len(messages) == 1:  # a prefix alone: a short question of its own after it
+            prefix_tokens = self.prefix.prefix_tokens
+            if not messages:  # a prefix alone: a short question of its own after it
+                n = QUESTION_TOKENS
                 rng = random.Random(f"{self.seed}:{self.salt}:question:{position}")
-                messages.append({"role": "user", "content": self.builder.build(16, rng)})
-                input_tokens = None
+                messages = [{"role": "user", "content": self.builder.build(n, rng)}]
+                input_tokens = n
         target = None
         if self.output_tokens is not None:
             target = self.output_tokens.sample(self._rng("output", position))
             max_tokens = target
-        return Draw(messages, max_tokens, target, input_tokens, group, row)
+        return Draw(messages, max_tokens, target, input_tokens, group, prefix, prefix_tokens, row)

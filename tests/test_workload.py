@@ -165,12 +165,16 @@ def test_prefix_groups_share_their_system_prompt(cl100k) -> None:
     assert {d.prefix_group for d in draws} == {0, 1, 2}
     by_group: dict[int, set[str]] = {}
     for d in draws:
-        assert d.messages[0]["role"] == "system"
-        by_group.setdefault(d.prefix_group or 0, set()).add(d.messages[0]["content"])
+        sent = d.compose()
+        assert [m["role"] for m in sent] == ["system", "user"]
+        by_group.setdefault(d.prefix_group or 0, set()).add(sent[0]["content"])
     assert all(len(texts) == 1 for texts in by_group.values())
     assert len({next(iter(t)) for t in by_group.values()}) == 3
-    assert cl100k.count(draws[0].messages[0]["content"]) == 64
-    assert draws[0].input_tokens == 84
+    assert cl100k.count(draws[0].compose()[0]["content"]) == 64
+    assert draws[0].known_input_tokens == 84
+    # a body's own prompt gets the prefix too
+    own = draws[0].compose([{"role": "user", "content": "hi"}])
+    assert own[0]["role"] == "system" and own[1] == {"role": "user", "content": "hi"}
 
 
 # -- datasets ----------------------------------------------------------------------------------
