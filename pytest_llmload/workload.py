@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError
+from .errors import ConfigError, show
 
 if TYPE_CHECKING:
     from pytest_llmload.tokens import Tokenizer
@@ -119,13 +119,15 @@ def parse_length_spec(value: object, option: str = "--llm-input-tokens") -> Leng
 
     def bad(why: str = "") -> ConfigError:
         tail = f" ({why})" if why else ""
-        return ConfigError(f"{option}: expected {EXPECT_LENGTH}, got {value!r}{tail}.")
+        return ConfigError(f"{option}: expected {EXPECT_LENGTH}, got {show(value)}{tail}.")
 
     if isinstance(value, bool):
         raise bad()
     if isinstance(value, int):
-        text = str(value)
-    elif isinstance(value, str):
+        if not 1 <= value <= MAX_LENGTH:
+            raise bad(f"a length is from 1 to {MAX_LENGTH} tokens")
+        return LengthSpec("fixed", (value,))
+    if isinstance(value, str):
         text = value.strip()
     else:
         raise bad()
@@ -192,7 +194,7 @@ def parse_prefix_spec(value: object, option: str = "--llm-prefix") -> PrefixSpec
 
     def bad(why: str = "") -> ConfigError:
         tail = f" ({why})" if why else ""
-        return ConfigError(f"{option}: expected {EXPECT_PREFIX}, got {value!r}{tail}.")
+        return ConfigError(f"{option}: expected {EXPECT_PREFIX}, got {show(value)}{tail}.")
 
     if not isinstance(value, str):
         raise bad()
@@ -260,7 +262,7 @@ def parse_dataset_spec(
     if isinstance(value, DatasetSpec):
         return value
     if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{option}: expected {EXPECT_DATASET}, got {value!r}.")
+        raise ConfigError(f"{option}: expected {EXPECT_DATASET}, got {show(value)}.")
     parts = value.strip().split(",")
     opts: dict[str, str] = {}
     # options are the trailing key=value items; anything before them is the path (commas and all)

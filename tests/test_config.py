@@ -419,8 +419,12 @@ def test_load_keys_are_exactly_the_marker_keywords() -> None:
         "server_metrics",
         "server_metrics_interval",
         "compare_fail",
+        "dataset",
+        "input_tokens",
+        "output_tokens",
+        "prefix",
     }
-    assert len(LOAD_KEYS) == 15
+    assert len(LOAD_KEYS) == 19
 
 
 @pytest.mark.parametrize(
