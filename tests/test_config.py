@@ -1060,6 +1060,8 @@ _NON_DEFAULT: dict[str, object] = {
     "slo": ["ttft.p99<2s", "error_rate<1%"], "include_image": True,
     "randomize_image_dimensions": True, "server_metrics": "http://h:9/metrics",
     "server_metrics_interval": 0.5, "compare_fail": ["ttft.p99:10%", "error_rate:+1%"],
+    "dataset": None, "input_tokens": "normal:500,100", "output_tokens": "200:0.7,2000:0.3",
+    "prefix": "groups=8,prefix_tokens=1024",
 }
 
 
@@ -1079,6 +1081,17 @@ def test_settings_codec_carries_every_field() -> None:
     values["arrival"] = arrival(str(values["arrival"]))
     values["slo"] = tuple(parse_slo(str(e)) for e in values["slo"])  # type: ignore[attr-defined]
     values["compare_fail"] = parse_compare_fail_list(values["compare_fail"])
+    from pytest_llmload.workload import (
+        DatasetSpec,
+        parse_length_spec,
+        parse_prefix_spec,
+    )
+
+    # a path that exists nowhere: a report is read where its dataset may not be
+    values["dataset"] = DatasetSpec("/nowhere/sg.json", column="q", split="test")
+    values["input_tokens"] = parse_length_spec(values["input_tokens"])
+    values["output_tokens"] = parse_length_spec(values["output_tokens"])
+    values["prefix"] = parse_prefix_spec(values["prefix"])
     original = LoadSettings(**values)  # type: ignore[arg-type]
     for name in names:
         assert getattr(original, name) != getattr(LoadSettings(), name), name
