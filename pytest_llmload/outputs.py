@@ -65,9 +65,23 @@ def write_run_report(
     options = {**ini, **{k: v for k, v in cli.items() if v is not None}}
     if options.get("api_key") is not None:
         options["api_key"] = "***"
-    write_json_report(path, config=options, tests=[result_to_dict(r) for r in results],
-                      secrets=secrets,
+    tests = [result_to_dict(r) for r in results]
+    _count_regressions(tests, (extra or {}).get("compare"))
+    write_json_report(path, config=options, tests=tests, secrets=secrets,
                       interrupted=interrupted, extra=extra)
+
+
+def _count_regressions(tests: Sequence[dict[str, Any]], section: Any) -> None:
+    """A regression against the baseline failed its test: its entry's verdict says so too."""
+    if not isinstance(section, Mapping):
+        return
+    regressions = {c.get("nodeid"): list(c.get("regressions") or [])
+                   for c in section.get("tests") or [] if isinstance(c, Mapping)}
+    for entry in tests:
+        found = regressions.get(entry.get("nodeid"))
+        if found and "verdict" in entry:
+            entry["verdict"] = "FAIL"
+            entry["failures"] = [*entry.get("failures", []), *found]
 
 
 ENV_STEP_SUMMARY = "GITHUB_STEP_SUMMARY"
@@ -83,6 +97,7 @@ def render_reports(
     results: Sequence[LoadResult],
     secrets: Sequence[str],
     interrupted: bool,
+    extra: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """The HTML page, Markdown summary and PNG plots asked for, and the GitHub step summary,
     all built from the JSON report (``json_path``, else a temporary one written now): the code
@@ -102,7 +117,7 @@ def render_reports(
             fd, tmp = tempfile.mkstemp(prefix="llmload-", suffix=".json")
             os.close(fd)
             write_run_report(tmp, cli=cli, ini=ini, results=results, secrets=secrets,
-                             interrupted=interrupted)
+                             interrupted=interrupted, extra=extra)
             json_path = tmp
         return render(
             json_path, html_path=None if html is None else str(html),

@@ -304,14 +304,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
     interrupted = exitstatus == pytest.ExitCode.INTERRUPTED
     path = state.get("report")
+    section = compare_section(state)
+    extra = {"compare": section} if section is not None else None
     if path is not None:
-        section = compare_section(state)
         write_run_report(str(path), cli=state.cli, ini=state.ini, results=state.results,
-                         secrets=state.secrets, interrupted=interrupted,
-                         extra={"compare": section} if section is not None else None)
+                         secrets=state.secrets, interrupted=interrupted, extra=extra)
     state.rendered = render_reports(
         None if path is None else str(path), cli=state.cli, ini=state.ini,
-        results=state.results, secrets=state.secrets, interrupted=interrupted,
+        results=state.results, secrets=state.secrets, interrupted=interrupted, extra=extra,
     )
     save_run(session.config, state, interrupted=interrupted)
 

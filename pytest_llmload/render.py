@@ -131,6 +131,7 @@ def load_report(path: str | os.PathLike[str]) -> ReportData:
         ):
             raise report_error(path, f'"records" of {entry["nodeid"]!r} are not request records')
         tests.append(TestData(entry, records))
+    _attach_comparisons(tests, doc.get("compare"))
     config = doc.get("config")
     return ReportData(
         config=config if isinstance(config, dict) else {},
@@ -138,6 +139,25 @@ def load_report(path: str | os.PathLike[str]) -> ReportData:
         interrupted=bool(doc.get("interrupted", False)),
         source=os.path.basename(os.fspath(path)),
     )
+
+
+def _attach_comparisons(tests: Sequence[TestData], section: Any) -> None:
+    """Give each test its comparison with the baseline (the report's top-level ``compare``), and
+    count a regression in its verdict as the run did (it failed the test)."""
+    comparisons = section.get("tests") if isinstance(section, Mapping) else None
+    if not isinstance(comparisons, list):
+        return
+    by_id = {c.get("nodeid"): c for c in comparisons if isinstance(c, Mapping)}
+    for t in tests:
+        comparison = by_id.get(t.nodeid)
+        if comparison is None:
+            continue
+        t.entry["compare"] = comparison
+        regressions = [str(r) for r in comparison.get("regressions") or []]
+        reasons = failure_reasons(t.entry)
+        if regressions and not set(regressions) <= set(reasons):
+            t.entry["verdict"] = FAIL
+            t.entry["failures"] = reasons + [r for r in regressions if r not in reasons]
 
 
 # -- the figures, formatted once ----------------------------------------------------------------
@@ -410,6 +430,8 @@ def _markdown_test(t: TestData) -> list[str]:
             lines.append(f"| `{_md(r.label)}` | {_md(r.observed)} | {_md(r.interval or '-')} | "
                          f"{_md(r.op)} {_md(r.limit)} | {r.verdict} | {r.count} |")
         lines.append("")
+    if e.get("compare"):
+        lines += ["```", comparison_text(e["compare"]), "```", ""]
     if _get(e, "requests", "ok"):
         lines += ["| ms | " + " | ".join(MARKDOWN_STATS) + " | n |",
                   "|---|" + "---:|" * (len(MARKDOWN_STATS) + 1)]
@@ -472,6 +494,8 @@ figure{margin:10px 0;background:#fff}
 figure svg{width:100%;height:auto;display:block}
 figcaption{color:var(--mute);font-size:12px;margin-top:2px}
 .note{color:var(--mute);font-size:12px}
+pre.compare{background:var(--bg);border-radius:8px;padding:10px 12px;overflow-x:auto;
+font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12px}
 code,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12px}
 a{color:#0969da}
 """
@@ -655,7 +679,12 @@ def _test_section(i: int, t: TestData, figures: Sequence[tuple[str, str, str]]) 
                              ("capacity", "Capacity", "capacity"),
                              ("server_metrics", "Server metrics", "server")):
         if e.get(key):
-            table = _server_table(e[key]) if key == "server_metrics" else _extra_table(e[key])
+            if key == "server_metrics":
+                table = _server_table(e[key])
+            elif key == "compare":
+                table = f'<pre class="compare">{_esc(comparison_text(e[key]))}</pre>'
+            else:
+                table = _extra_table(e[key])
             out.append(f'<h3>{title}</h3><div class="extra" data-extra="{key}">{table}</div>')
             if plot:
                 figure(plot)
@@ -666,6 +695,18 @@ def _test_section(i: int, t: TestData, figures: Sequence[tuple[str, str, str]]) 
 def _figure(name: str, svg: str, caption: str) -> str:
     cap = f"<figcaption>{_esc(caption)}</figcaption>" if caption else ""
     return f'<figure data-plot="{_esc(name)}">{svg}{cap}</figure>'
+
+
+def comparison_text(comparison: Any) -> str:
+    """The comparison with the baseline as the terminal summary prints it."""
+    if not isinstance(comparison, Mapping):
+        return ""
+    from .compare import format_comparison
+
+    try:
+        return "\n".join(format_comparison(comparison, indent=""))
+    except (KeyError, TypeError, ValueError):
+        return "(a comparison this version cannot show; see the JSON report)"
 
 
 def _server_table(sm: Any) -> str:

@@ -367,7 +367,6 @@ def test_other_features_data_and_intervals_are_shown_when_present(tmp_path: Path
     source = tmp_path / "extra.json"
     _synthetic(source, 300, extra={
         "verdict": "INCONCLUSIVE",
-        "compare": {"baseline": "main", "ttft.p99": {"base": 0.2, "new": 0.25, "change": 0.25}},
         "capacity": {"probes": [{"rate": 5, "ttft_p99": 0.2}, {"rate": 10, "ttft_p99": 0.4}],
                      "limit": 0.5},
         "server_metrics": {
@@ -384,6 +383,10 @@ def test_other_features_data_and_intervals_are_shown_when_present(tmp_path: Path
     doc["tests"][0]["slo"][0]["ci"] = {"low": 0.19, "high": 0.26, "confidence": 0.95}
     doc["tests"][0]["slo"][0]["verdict"] = "INCONCLUSIVE"
     doc["tests"][0]["metrics"]["ttft"]["ci"] = {"p99": {"low": 0.2, "high": None}}
+    doc["compare"] = {"baseline": "0001_main", "regressions": 0, "not_comparable": 1, "tests": [
+        {"nodeid": doc["tests"][0]["nodeid"], "baseline": "0001_main", "comparable": False,
+         "reason": "the fingerprints differ in max_tokens (64 -> 128)", "rows": [],
+         "checks": [], "regressions": []}]}
     source.write_text(json.dumps(doc))
     page, md = tmp_path / "extra.html", tmp_path / "extra.md"
     assert main(["report", str(source), "--html", str(page), "--markdown", str(md)]) == 0
@@ -394,6 +397,7 @@ def test_other_features_data_and_intervals_are_shown_when_present(tmp_path: Path
     for key in ("compare", "capacity", "server_metrics"):
         assert f'data-extra="{key}"' in text
     assert 'id="t0-capacity-series-probes"' in text
+    assert "max_tokens (64 -&gt; 128)" in text  # the comparison, as the terminal prints it
     assert 'id="t0-server-series-requests_running"' in text
     assert 'id="t0-server-series-generation_tokens"' in text
     assert "<td>2.67</td>" in text  # the series' figures as the JSON has them
@@ -443,3 +447,43 @@ def test_a_run_without_llm_tests_leaves_the_step_summary_alone(
     pytester.makepyfile(test_x="def test_x(): pass")
     assert pytester.runpytest("-p", "no:cacheprovider").ret == 0
     assert not summary.exists()
+
+
+COMPARED = """
+import pytest
+
+@pytest.mark.llm_load(requests=30, rps=50, slo=["ttft.p99<5s"])
+def test_compared(llm):
+    llm.stream("Tell me a story.")
+"""
+
+
+def test_a_regression_against_the_baseline_is_the_verdict_of_every_report(
+    tmp_path: Path,
+) -> None:
+    """The baseline comparison fails the test in the run: the JSON's verdict, the page and the
+    Markdown say FAIL with its message, and show the comparison."""
+    (tmp_path / "test_compared.py").write_text(COMPARED)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", "test_compared.py", "-p", "no:cacheprovider",
+             "-p", "no:xdist", "--llm-model", "mock", "--llm-storage", "saved", *args],
+            cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+        )
+
+    first = run("--llm-mock", "ttft=20ms,itl=1ms,tokens=8", "--llm-save", "base")
+    assert first.returncode == 0, first.stdout
+    second = run("--llm-mock", "ttft=120ms,itl=1ms,tokens=8", "--llm-compare",
+                 "--llm-compare-fail", "ttft.p50:10%", "--llm-report", "run.json",
+                 "--llm-html", "page.html", "--llm-markdown", "summary.md")
+    assert second.returncode == 1, second.stdout
+    (entry,) = json.loads((tmp_path / "run.json").read_text())["tests"]
+    assert entry["verdict"] == "FAIL"
+    assert any("ttft.p50" in reason for reason in entry["failures"])
+    md = (tmp_path / "summary.md").read_text()
+    assert "FAIL `test_compared.py::test_compared`" in md
+    assert "vs baseline" in md and "REGRESSION" in md
+    page = (tmp_path / "page.html").read_text()
+    assert 'data-verdict="FAIL"' in page and 'data-extra="compare"' in page
+    assert "REGRESSION" in page
