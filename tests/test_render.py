@@ -487,3 +487,34 @@ def test_a_regression_against_the_baseline_is_the_verdict_of_every_report(
     page = (tmp_path / "page.html").read_text()
     assert 'data-verdict="FAIL"' in page and 'data-extra="compare"' in page
     assert "REGRESSION" in page
+
+
+def test_a_merged_report_renders_like_a_run(run: Run, tmp_path: Path) -> None:
+    merged = tmp_path / "merged.json"
+    assert main(["merge", str(run.json), str(run.json), "--report", str(merged)]) == 1
+    md = tmp_path / "merged.md"
+    assert main(["report", str(merged), "--markdown", str(md)]) == 0
+    text = md.read_text()
+    doc = json.loads(merged.read_text())
+    runs = {t["nodeid"]: t for t in run.doc()["tests"]}
+    for test in doc["tests"]:
+        assert f"{test['verdict']} `{test['nodeid']}`" in text
+        sent = 2 * runs[test["nodeid"]]["requests"]["total"]  # the run's records, twice
+        assert test["delivered"]["sent"] == test["requests"]["total"] == sent
+        assert f"sent: {sent} requests" in text
+
+
+def test_under_xdist_the_controller_alone_writes_the_step_summary(tmp_path: Path) -> None:
+    pytest.importorskip("xdist")
+    (tmp_path / "test_suite.py").write_text(SUITE)
+    summary = tmp_path / "summary.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "test_suite.py", "-p", "no:cacheprovider",
+         "-n", "2", "--dist", "each", "--llm-model", "mock", "--llm-mock", MOCK],
+        cwd=tmp_path, env={**os.environ, "GITHUB_STEP_SUMMARY": str(summary)},
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    text = summary.read_text()
+    assert text.count("## LLM load:") == 1, proc.stdout
+    for name in ("test_holds", "test_breaks"):
+        assert text.count(f"`test_suite.py::{name}`\n") == 1
