@@ -417,3 +417,61 @@ def test_server_helpers_share_its_process_group(vllm_server: VllmServer) -> None
     assert any("EngineCore" in cmd for cmd in family.values()), family
     assert any("Worker" in cmd for cmd in family.values()), family
     assert all(os.getpgid(pid) == vllm_server.pid for pid in family), family
+
+
+def test_server_metrics_scraped_and_gated(
+    pytester: pytest.Pytester, vllm_server: VllmServer
+) -> None:
+    """`--llm-server-metrics auto` finds vLLM's /metrics beside its base URL and scrapes it while
+    a load queues at the server: the mapped `vllm:` series reach the report, SLOs on them are
+    gated (a queue is allowed in one test, forbidden in the other), and the counters' deltas
+    match what the plugin counted."""
+    seqs = vllm_server.max_num_seqs
+    requests = 3 * seqs
+    pytester.makepyfile(
+        test_server=f"""
+        import pytest
+
+        LOAD = dict(requests={requests}, rps=40, arrival="constant", max_tokens={MAX_TOKENS})
+
+
+        @pytest.mark.llm_load(
+            **LOAD,
+            slo=["server.running.max<={seqs}", "server.waiting.max<100",
+                 "server.preemptions.delta==0"],
+        )
+        async def test_queue_allowed(llm):
+            await llm.astream("Tell me a story, while being watched.")
+
+
+        @pytest.mark.llm_load(**LOAD, slo=["server.waiting.max<1"])
+        async def test_no_queue_allowed(llm):
+            await llm.astream("Tell me a story, while being watched.")
+        """
+    )
+    result = run(pytester, vllm_server, "--llm-server-metrics-interval", "200ms")
+    result.result.assert_outcomes(passed=1, failed=1)
+    result.result.stdout.fnmatch_lines(
+        ["*test_no_queue_allowed*", "SLO failed: server.waiting.max = * (n=*)"]
+    )
+    for name in ("test_queue_allowed", "test_no_queue_allowed"):
+        entry = result.entry(name)
+        metrics = entry["server_metrics"]
+        assert metrics["server"] == "vllm", metrics["note"]
+        assert metrics["available"] and metrics["scrapes"] >= 3, metrics
+        series = metrics["series"]
+        assert series["running"]["source"] == "vllm:num_requests_running"
+        assert series["waiting"]["source"] == "vllm:num_requests_waiting"
+        assert 1 <= series["waiting"]["max"] <= requests - 1, series["waiting"]
+        assert series["running"]["max"] <= seqs, series["running"]
+        # the counters: every request of the test, and the tokens of each (exact: no EOS)
+        assert series["requests"]["delta"] == requests, series["requests"]
+        assert series["generation_tokens"]["delta"] == entry["output_tokens_total"], series
+    allowed = {s["expr"]: s["passed"] for s in result.entry("test_queue_allowed")["slo"]}
+    assert allowed == {
+        f"server.running.max<={seqs}": True,
+        "server.waiting.max<100": True,
+        "server.preemptions.delta==0": True,
+    }
+    forbidden = {s["expr"]: s["passed"] for s in result.entry("test_no_queue_allowed")["slo"]}
+    assert forbidden == {"server.waiting.max<1": False}
