@@ -245,8 +245,23 @@ def main() -> int:
     share = statistics.median(r["scrape_cpu_s"] / r["cpu_s"] for r in runs["scrape"])
     per_scrape = statistics.median(r["scrape_cpu_s"] / r["scrapes"] for r in runs["scrape"])
     extra = med("scrape", "cpu_s") / med("off", "cpu_s") - 1
+    # On a loaded machine the load stretches (the client gets less CPU per second), so it gets
+    # more scrapes for the same work. At the pace its schedule sets (waves of n streams of
+    # ttft + tokens x itl), the same load takes `nominal` seconds: one scrape a second of that.
+    spec = {k: v for k, v in (kv.split("=") for kv in args.spec.split(","))}
+    from pytest_llmload.config import parse_duration
+
+    stream_s = parse_duration(spec["ttft"]) + int(spec["tokens"]) * parse_duration(spec["itl"])
+    nominal = -(-args.requests // args.n) * stream_s
+    at_pace = statistics.median(
+        (r["scrape_cpu_s"] / r["scrapes"]) * (nominal / args.interval + 2) / r["cpu_s"]
+        for r in runs["scrape"]
+    )
+    wall = med("scrape", "wall_s")
     counted = all(r["requests_delta"] == r["requests_made"] for r in runs["scrape"])
-    print(f"\nscraper CPU / client CPU: {share:.3%} ({per_scrape * 1000:.2f} ms a scrape); "
+    print(f"\nscraper CPU / client CPU: {share:.3%} ({per_scrape * 1000:.2f} ms a scrape, "
+          f"the load lasting {wall:.1f} s); at the schedule's pace ({nominal:.1f} s, "
+          f"{nominal / args.interval + 2:.0f} scrapes): {at_pace:.3%}; "
           f"client CPU with scraping vs without: {extra:+.1%} (noise included)")
     print(f"TTFT error with scraping vs without: mean {med('scrape', 'ttft_err_mean'):.3f} vs "
           f"{med('off', 'ttft_err_mean'):.3f} ms, p99 {med('scrape', 'ttft_err_p99'):.3f} vs "
