@@ -301,3 +301,37 @@ def parse_api_base(value: object, option: str = "--llm-api-base") -> str:
     if not host:
         raise expected(option, EXPECT_API_BASE, shown)
     return text
+
+
+EXPECT_FIND_MAX = "rps (the highest arrival rate) or concurrency (the largest closed loop)"
+EXPECT_BETWEEN = (
+    "a pair (lo, hi) of positive numbers with lo < hi, whole numbers for concurrency "
+    "(e.g. (4, 64) or '4,64')"
+)
+
+
+def parse_find_max(value: object, option: str = "--llm-find-max") -> str | None:
+    """'rps' or 'concurrency'; None for 'none'/'off' (no search)."""
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text in ("rps", "concurrency"):
+        return text
+    if text in ("none", "off"):
+        return None
+    raise expected(option, EXPECT_FIND_MAX, value)
+
+
+def parse_between(value: object, option: str = "--llm-between") -> tuple[float, float]:
+    """A search range: a pair of positive finite numbers, low first (text: 'lo,hi')."""
+    items: Sequence[object]
+    if isinstance(value, str):
+        items = [p for p in re.split(r"[,\s]+", value.strip().strip("()[]")) if p]
+    elif isinstance(value, tuple | list):
+        items = value
+    else:
+        raise expected(option, EXPECT_BETWEEN, value)
+    if len(items) != 2:
+        raise expected(option, EXPECT_BETWEEN, value)
+    lo, hi = (to_float(x) for x in items)
+    if lo is None or hi is None or not (0 < lo < hi < math.inf):
+        raise expected(option, EXPECT_BETWEEN, value)
+    return lo, hi

@@ -103,6 +103,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("server_metrics_interval", "how often the server's metrics are scraped during a "
            "load test (also once before and once after). Default: 1s.", "S", c.parse_duration,
            native=NATIVE_NUMBER, marker=True),
+    Option("find_max", "search for the highest load at which each load test's SLOs hold: the "
+           "arrival rate ('rps') or the size of a closed loop ('concurrency'), over "
+           "--llm-between; see docs/capacity.md. Default: none.", "rps|concurrency",
+           c.parse_find_max, marker=True),
+    Option("between", "the range a capacity search covers, 'lo,hi'. Default: the test's own rate "
+           "(or concurrency) to 64 times it.", "LO,HI", c.parse_between, marker=True),
     Option("tokenizer", "token counts when the server reports no usage: 'usage' (server "
            "counts, else one per chunk), tiktoken:<encoding>, or a Hugging Face name/path. "
            "Default: 'usage'.", "SPEC", c.parse_tokenizer),

@@ -19,9 +19,11 @@ import pytest
 from .errors import ConfigError
 from .fixtures import llm, llm_endpoint, llm_tokenizer
 from .pytest_options import add_options, read_options
-from .state import LLM_KEY, OUTCOME_KEY, SETTINGS_KEY, STATE_KEY, PluginState
+from .state import LLM_KEY, OUTCOME_KEY, SEARCH_KEY, SETTINGS_KEY, STATE_KEY, PluginState
 
 if TYPE_CHECKING:
+    from .progress import ProgressLine
+    from .result import LoadResult
     from .servermetrics import Target
     from .session import LLM
     from .settings import LoadSettings
@@ -31,9 +33,10 @@ MARKER_HELP = (
     "llm_load(*, requests=50, rps=5, concurrency=None, arrival='poisson', duration=None, "
     "warmup=0, timeout=60, max_tokens=None, slo=(), seed=None, include_image=False, "
     "randomize_image_dimensions=False, server_metrics='auto', server_metrics_interval=1, "
-    "compare_fail=(), dataset=None, input_tokens=None, output_tokens=None, prefix=None): run "
-    "the test body once per scheduled request under load and gate its latency SLOs "
-    "(pytest-llmload)."
+    "compare_fail=(), dataset=None, input_tokens=None, output_tokens=None, prefix=None, "
+    "find_max=None, between=None): run the test body once per scheduled request under load and "
+    "gate its latency SLOs; with find_max='rps' or 'concurrency', search for the highest load "
+    "that meets them (pytest-llmload)."
 )
 MSG_MARKED_WITHOUT_LLM = (
     "{nodeid} is marked llm_load but does not use the 'llm' fixture: add an 'llm' argument and "
@@ -168,6 +171,9 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
 
     state = pyfuncitem.config.stash[STATE_KEY]
     progress = ProgressLine(pyfuncitem)
+    if settings.find_max is not None:
+        _search(pyfuncitem, state, settings, llm_obj, progress)
+        return True
     server = _server_target(state, settings, llm_obj)
     try:
         outcome = run_load_test(
@@ -179,6 +185,28 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
         progress.done()
     pyfuncitem.stash[OUTCOME_KEY] = outcome
     return True
+
+
+def _search(item: pytest.Function, state: PluginState, settings: LoadSettings, llm_obj: LLM,
+            progress: ProgressLine) -> None:
+    """A capacity search in place of one load; its result is kept for :func:`_record`."""
+    from .search import MSG_XDIST, run_capacity_search
+
+    exchange = None
+    if state.worker_count > 1:
+        from .xdist import probe_exchange
+
+        exchange = probe_exchange(item.config, item.nodeid)
+        if exchange is None:  # remote workers: no shared files to decide probes together
+            pytest.fail(MSG_XDIST.format(nodeid=item.nodeid), pytrace=False)
+    try:
+        result = run_capacity_search(
+            item, settings, llm_obj, progress=progress.show, worker=state.worker_id,
+            worker_index=state.worker_index, worker_count=state.worker_count, exchange=exchange,
+        )
+    finally:
+        progress.done()
+    item.stash[SEARCH_KEY] = result
 
 
 def _server_target(state: PluginState, settings: LoadSettings, llm_obj: LLM) -> Target | None:
@@ -233,7 +261,11 @@ def _record(item: pytest.Item, *, gate_slos: bool) -> None:
     state = item.config.stash[STATE_KEY]
     settings = item.stash.get(SETTINGS_KEY, None)
     outcome = item.stash.get(OUTCOME_KEY, None)
-    result = result_of_test(item.nodeid, llm_obj, settings, outcome, worker=state.worker_id)
+    searched: LoadResult | None = item.stash.get(SEARCH_KEY, None)
+    if searched is not None:
+        result = searched
+    else:
+        result = result_of_test(item.nodeid, llm_obj, settings, outcome, worker=state.worker_id)
     if settings is not None:
         from .pytest_baseline import fingerprint_of
 

@@ -272,6 +272,10 @@ def summary_lines(
         if result.server is not None and result.server.scrapes:
             lines.extend(result.server.summary_lines())
         lines.extend((comparisons or {}).get(result.nodeid, ()))
+        if result.capacity is not None:
+            from .capacity import format_probes
+
+            lines.extend(format_probes(result.capacity))
         lines.append("")
     # a server without usable /metrics is one note for the run, not one per test
     unscraped = dict.fromkeys(

@@ -24,6 +24,7 @@ from .settings import LoadSettings, settings_from_dict, settings_to_dict
 from .slo import SLO, parse_slo
 
 if TYPE_CHECKING:
+    from .capacity import Capacity
     from .metrics import Summary
     from .servermetrics import ServerMetrics
     from .verdict import SLOResult
@@ -57,6 +58,8 @@ class LoadResult:
     fingerprint: dict[str, Any] | None = None
     """What a load test measured (:func:`~.baseline.fingerprint`), to tell whether a saved run
     of it is comparable."""
+    capacity: Capacity | None = None
+    """A capacity search's outcome; its records are those of the probe at the capacity found."""
 
 
 def build_result(
@@ -120,6 +123,12 @@ def result_failures(result: LoadResult) -> list[str]:
             bound=s.bound_s if s is not None else 0.0, done=outcome.jobs,
             total=s.requests if s is not None and s.requests is not None else "?",
         ))
+    if result.capacity is not None:
+        from .capacity import capacity_failure
+
+        none_passed = capacity_failure(result.capacity)
+        if none_passed:
+            lines.append(none_passed)
     return lines
 
 
@@ -177,6 +186,8 @@ def result_to_dict(
         entry["server_metrics"] = result.server.as_dict(origin)
     if result.fingerprint is not None:
         entry["fingerprint"] = result.fingerprint
+    if result.capacity is not None:
+        entry["capacity"] = result.capacity.as_dict()
     if records:
         entry["records"] = [r.to_dict(origin) for r in result.records]
     return entry
@@ -198,6 +209,7 @@ class Share:
     """The SLOs the test was checked against: its settings', or those a report recorded."""
     server: ServerMetrics | None = None
     fingerprint: dict[str, Any] | None = None
+    capacity: Capacity | None = None
 
 
 def _outcome_from(data: Mapping[str, Any], origin_ns: int) -> LoadOutcome:
@@ -244,6 +256,14 @@ def share_from_dict(entry: Mapping[str, Any], origin_ns: int) -> Share:
         from .servermetrics import ServerMetrics
 
         server = ServerMetrics.from_dict(entry["server_metrics"], origin_ns)
+    capacity = None
+    if entry.get("capacity") is not None:
+        from .capacity import Capacity
+
+        try:
+            capacity = Capacity.from_dict(entry["capacity"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"the capacity of {nodeid!r} is malformed ({exc!r})") from None
     worker = entry.get("worker")
     return Share(
         nodeid=nodeid, records=records, settings=settings, outcome=outcome,
@@ -253,6 +273,7 @@ def share_from_dict(entry: Mapping[str, Any], origin_ns: int) -> Share:
         interrupted=bool(entry.get("interrupted", False)), slos=slos, server=server,
         fingerprint=entry.get("fingerprint") if isinstance(entry.get("fingerprint"), dict)
         else None,
+        capacity=capacity,
     )
 
 
@@ -262,7 +283,9 @@ def share_from_dict(entry: Mapping[str, Any], origin_ns: int) -> Share:
 _STOP_PRIORITY = ("deadline", "interrupted", "duration")
 
 
-def _merge_outcomes(outcomes: Sequence[LoadOutcome]) -> LoadOutcome | None:
+def merge_outcomes(outcomes: Sequence[LoadOutcome]) -> LoadOutcome | None:
+    """One outcome of several shares: the widest window, the counts and the peaks in flight
+    added, the gravest reason to stop; None for none."""
     if not outcomes:
         return None
     reasons = {o.stopped_reason for o in outcomes}
@@ -295,6 +318,11 @@ def merge_shares(
     slos: list[SLO] = _unique(slo for s in shares for slo in s.slos)
     if is_load_test:
         slos = _unique([*slos, *extra_slos])
+    capacity = next((s.capacity for s in shares if s.capacity is not None), None)
+    all_slos = tuple(slos)
+    if capacity is not None:
+        # a search's capacity SLOs were checked on what it found, not on its probe's records
+        slos = [slo for slo in slos if slo.metric != "capacity"]
     settings = next((s.settings for s in shares if s.settings is not None), None)
     if settings is not None and settings.slo != tuple(slos):
         settings = dataclasses.replace(settings, slo=tuple(slos))
@@ -302,7 +330,7 @@ def merge_shares(
         nodeid,
         [r for s in shares for r in s.records],
         settings,
-        _merge_outcomes([s.outcome for s in shares if s.outcome is not None]),
+        merge_outcomes([s.outcome for s in shares if s.outcome is not None]),
         transport=", ".join(_unique(t for s in shares for t in s.transport.split(", "))),
         is_load_test=is_load_test,
         worker=shares[0].worker if len(shares) == 1 else None,
@@ -322,6 +350,11 @@ def merge_shares(
             if res.slo.is_server:
                 each = [evaluate([res.slo], result.summary, sm)[0] for sm in servers]
                 result.slo_results[i] = next((r for r in each if not r.passed), each[0])
+    if capacity is not None:
+        from .capacity import capacity_results
+
+        result.capacity = capacity
+        result.slo_results.extend(capacity_results(all_slos, capacity))
     return result
 
 
@@ -332,6 +365,7 @@ __all__ = [
     "build_result",
     "delivered",
     "failure_message",
+    "merge_outcomes",
     "merge_shares",
     "result_failures",
     "result_to_dict",

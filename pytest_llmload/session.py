@@ -45,6 +45,8 @@ IMAGES_AHEAD = 256
 PROMPTS_AHEAD = 1024
 #: How often the progress line is refreshed during a long load test (seconds).
 PROGRESS_EVERY = 5.0
+#: How often a load test's ``watch`` (a capacity probe's overload check) is asked (seconds).
+WATCH_EVERY = 0.25
 
 @dataclass
 class _JobState:
@@ -177,6 +179,18 @@ class LLM:
     @property
     def endpoint(self) -> Endpoint:
         return self.session_client.client.endpoint
+
+    def records_so_far(self) -> list[RequestRecord]:
+        """A copy of :attr:`records`, safe to take while the load runs."""
+        with self._records_lock:
+            return list(self.records)
+
+    def take_records(self) -> list[RequestRecord]:
+        """The records so far, leaving :attr:`records` empty (a capacity search's next probe
+        starts from none)."""
+        with self._records_lock:
+            taken, self.records = self.records, []
+            return taken
 
     def _sink(self, state: _JobState | None) -> Callable[[RequestRecord], None]:
         def sink(record: RequestRecord) -> None:
@@ -522,11 +536,14 @@ def run_load_test(
     progress: Callable[[str], None] | None = None,
     start_at: Callable[[], Awaitable[int]] | None = None,
     server: Target | None = None,
+    watch: Callable[[], bool] | None = None,
 ) -> LoadOutcome:
     """Run the marked body of ``item`` once per scheduled request. Returns the engine's outcome;
     the records are in ``llm.records``. ``start_at``: as in :func:`~.engine.run_load`.
     ``server``: the ``/metrics`` to scrape around and during the load (``llm.server_metrics``
-    gets what was scraped, or the note of a target that did not answer)."""
+    gets what was scraped, or the note of a target that did not answer).
+    ``watch``, called every WATCH_EVERY seconds while the load runs, ends it early by returning
+    True (what was in flight is cancelled, as for an interrupt)."""
     session_client = llm.session_client
     fn = item.obj
     kwargs = {name: item.funcargs[name] for name in item._fixtureinfo.argnames}
@@ -626,6 +643,7 @@ def run_load_test(
     fut = session_client.loop.submit(run())
     total = plan.my_requests
     next_progress = time.monotonic() + PROGRESS_EVERY
+    next_watch = time.monotonic() + WATCH_EVERY
     try:
         while True:
             try:
@@ -638,6 +656,11 @@ def run_load_test(
                 if verdicts:
                     raise verdicts[0]
                 return outcome
+            if watch is not None and time.monotonic() >= next_watch:
+                next_watch = time.monotonic() + WATCH_EVERY
+                if watch():
+                    watch = None
+                    session_client.loop.loop.call_soon_threadsafe(stop.set)
             if progress is not None and time.monotonic() >= next_progress:
                 next_progress += PROGRESS_EVERY
                 of = f"/{total}" if total is not None else ""

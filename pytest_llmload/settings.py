@@ -17,15 +17,17 @@ from .baseline import CompareCheck, merge_checks, parse_compare_fail_list
 from .config import (
     SERVER_METRICS_AUTO,
     parse_arrival,
+    parse_between,
     parse_bool,
     parse_concurrency,
     parse_count,
     parse_dataset,
     parse_duration,
+    parse_find_max,
     parse_input_tokens,
+    parse_nonneg_int,
     parse_output_tokens,
     parse_prefix,
-    parse_nonneg_int,
     parse_rate,
     parse_seed,
     parse_server_metrics,
@@ -61,6 +63,33 @@ DEFAULT_RPS = 5.0
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_WARMUP = 0
 DEFAULT_SERVER_METRICS_INTERVAL = 1.0
+#: Without ``between``, a capacity search spans the test's own rate (or concurrency) to this
+#: many times it.
+DEFAULT_SPAN = 64
+
+MSG_BETWEEN_WITHOUT_SEARCH = (
+    "{option}: a search range needs a capacity search: add find_max='rps' or "
+    "find_max='concurrency' (or pass --llm-find-max)."
+)
+MSG_CAPACITY_WITHOUT_SEARCH = (
+    "{option}: the SLO {expr!r} needs a capacity search: add find_max='rps' or "
+    "find_max='concurrency' to the llm_load marker, or pass --llm-find-max."
+)
+MSG_CAPACITY_OP = (
+    "{option}: the SLO {expr!r} is not a floor; a capacity SLO says how much load the endpoint "
+    "must take, e.g. 'capacity>=10rps' (or 'capacity>=32' for concurrency)."
+)
+MSG_CAPACITY_UNIT = (
+    "{option}: the SLO {expr!r} is a rate, but the search is over concurrency; write "
+    "'capacity>={limit:g}' (requests in flight) or search with find_max='rps'."
+)
+MSG_CAPACITY_RANGE = (
+    "{option}: the SLO {expr!r} asks for more than the search range reaches ({lo:g} to {hi:g}); "
+    "raise the top of between."
+)
+MSG_BETWEEN_WHOLE = (
+    "{option}: expected whole numbers for a search over concurrency, got {value!r}."
+)
 
 
 
@@ -99,6 +128,10 @@ class LoadSettings:
     input_tokens: LengthSpec | None = None
     output_tokens: LengthSpec | None = None
     prefix: PrefixSpec | None = None
+    find_max: str | None = None
+    """A capacity search over 'rps' or 'concurrency', else None."""
+    between: tuple[float, float] | None = None
+    """The search range (lo, hi); resolved whenever ``find_max`` is set."""
 
     @property
     def closed_loop(self) -> bool:
@@ -216,6 +249,8 @@ _CODEC: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {
     "input_tokens": (_text_or_none, lambda t: _or_none(parse_input_tokens, t, "input_tokens")),
     "output_tokens": (_text_or_none, lambda t: _or_none(parse_output_tokens, t, "output_tokens")),
     "prefix": (_text_or_none, lambda t: _or_none(parse_prefix, t, "prefix")),
+    "between": (lambda b: None if b is None else list(b),
+                lambda v: None if v is None else parse_between(v, "between")),
 }
 
 
@@ -245,7 +280,7 @@ def settings_from_dict(data: Mapping[str, Any]) -> LoadSettings:
 #: Keys where a marker's ``None`` means "none" (no cap, no duration ...) rather than a bad value.
 _NULLABLE = frozenset({
     "requests", "rps", "concurrency", "duration", "max_tokens",
-    "dataset", "input_tokens", "output_tokens", "prefix",
+    "dataset", "input_tokens", "output_tokens", "prefix", "find_max",
 })
 
 
@@ -377,6 +412,42 @@ def _resolve_checks(src: _Sources) -> tuple[CompareCheck, ...]:
     layers = [parse_compare_fail_list(raw, name) for raw, name in src.layers("compare_fail")
               if raw is not None]
     return merge_checks(*layers)
+def _resolve_search(
+    src: _Sources, slos: Sequence[SLO], rps: float | None, concurrency: int | None,
+) -> tuple[str | None, tuple[float, float] | None]:
+    """``(find_max, between)`` of a load test, checked against its capacity SLOs."""
+    found = src.find("find_max", parse_find_max)
+    find_max = found.value if found is not None else None
+    slo_label = BY_KEY["slo"].marker_label
+    if find_max is None:
+        given = src.find("between", parse_between)
+        if given is not None and given.rank == 0:
+            raise ConfigError(MSG_BETWEEN_WITHOUT_SEARCH.format(option=given.option))
+        for slo in slos:
+            if slo.metric == "capacity":
+                raise ConfigError(MSG_CAPACITY_WITHOUT_SEARCH.format(option=slo_label,
+                                                                     expr=slo.expr))
+        return None, None
+    given = src.find("between", parse_between)
+    if given is not None and given.value is not None:
+        lo, hi = given.value
+        if find_max == "concurrency" and (lo != int(lo) or hi != int(hi)):
+            raise ConfigError(MSG_BETWEEN_WHOLE.format(option=given.option, value=given.raw))
+    else:
+        start = (rps if find_max == "rps" else concurrency) or 1
+        lo, hi = float(start), float(start) * DEFAULT_SPAN
+    for slo in slos:
+        if slo.metric != "capacity":
+            continue
+        if slo.op not in (">", ">="):
+            raise ConfigError(MSG_CAPACITY_OP.format(option=slo_label, expr=slo.expr))
+        if slo.unit == "rps" and find_max != "rps":
+            raise ConfigError(MSG_CAPACITY_UNIT.format(option=slo_label, expr=slo.expr,
+                                                       limit=slo.limit))
+        if slo.limit > hi:
+            raise ConfigError(MSG_CAPACITY_RANGE.format(option=slo_label, expr=slo.expr,
+                                                        lo=lo, hi=hi))
+    return find_max, (lo, hi)
 
 
 def resolve_settings(
@@ -404,9 +475,12 @@ def resolve_settings(
     seed = src.get_optional("seed", parse_seed)
     arrival = src.get_optional("arrival", parse_arrival)
     include_image, randomize_image = _image_settings(src)
+    rps = _resolve_rate(src, concurrency)
+    slos = _resolve_slos(src)
+    find_max, between = _resolve_search(src, slos, rps, concurrency)
     return LoadSettings(
         requests=_resolve_requests(src, duration),
-        rps=_resolve_rate(src, concurrency),
+        rps=rps,
         concurrency=concurrency,
         arrival=arrival if arrival is not None else _default_arrival(),
         seed=seed if seed is not None else zlib.crc32(test_id.encode("utf-8", "surrogatepass")),
@@ -414,7 +488,7 @@ def resolve_settings(
         warmup=src.get("warmup", parse_nonneg_int, DEFAULT_WARMUP),
         timeout=src.get("timeout", parse_duration, DEFAULT_TIMEOUT),
         max_tokens=src.get_optional("max_tokens", parse_count),
-        slo=_resolve_slos(src),
+        slo=slos,
         include_image=include_image,
         randomize_image_dimensions=randomize_image,
         server_metrics=src.get("server_metrics", parse_server_metrics, SERVER_METRICS_AUTO),
@@ -425,6 +499,8 @@ def resolve_settings(
         input_tokens=src.get_optional("input_tokens", parse_input_tokens),
         output_tokens=src.get_optional("output_tokens", parse_output_tokens),
         prefix=src.get_optional("prefix", parse_prefix),
+        find_max=find_max,
+        between=between,
     )
 
 

@@ -11,6 +11,8 @@ Grammar (case-insensitive, whitespace between the parts tolerated)::
 - stats: ``mean``, ``min``, ``max`` and any percentile ``pNN`` / ``pNN.N`` from p0 to p100.
   A distribution metric written without a statistic means its **mean** (``tpot<30ms`` is
   ``tpot.mean<30ms``);
+- ``capacity`` (``capacity>=10rps``, ``capacity>=32``) is what a capacity search finds
+  (``find_max``), checked by the search, not against one load's summary;
 - ops: ``<``, ``<=``, ``>``, ``>=``, ``==``;
 - units: latencies take ``us`` (or ``µs``), ``ms`` or ``s``, and need one (a bare ``50`` could
   be 50 ms or 50 s; only ``0`` may go without); ``error_rate`` takes ``%`` or a bare fraction
@@ -57,7 +59,9 @@ SCALAR_METRICS: tuple[str, ...] = (
 )
 #: Single figures that are fractions: a bare fraction or a percentage.
 FRACTION_METRICS: tuple[str, ...] = ("error_rate", "cache_hit_rate", "short_rate")
-METRICS: tuple[str, ...] = (*DISTRIBUTION_METRICS, *SCALAR_METRICS)
+#: Figures a capacity search finds (``capacity>=10rps``), not a figure of one load.
+SEARCH_METRICS: tuple[str, ...] = ("capacity",)
+METRICS: tuple[str, ...] = (*DISTRIBUTION_METRICS, *SCALAR_METRICS, *SEARCH_METRICS)
 OPS: tuple[str, ...] = ("<", "<=", ">", ">=", "==")
 #: ``server.<name>.<stat>``: a figure of the server's own metrics (see servermetrics.py).
 SERVER_PREFIX = "server."
@@ -78,6 +82,8 @@ _UNITS: dict[str, dict[str, float]] = {
     "output_throughput": {"": 1.0},
     "request_throughput": {"": 1.0},
     "goodput": {"": 1.0},
+    # a rate with 'rps', else in the search's own unit (requests/s or requests in flight)
+    "capacity": {"": 1.0, "rps": 1.0},
 }
 #: What a bare number means for the metrics that accept one besides a named unit.
 _BARE_UNIT = {m: "s" for m in LATENCY_METRICS}
@@ -136,7 +142,7 @@ class SLO:
     def effective_stat(self) -> str | None:
         """The statistic checked: the written one, ``mean`` for a bare distribution metric,
         None for single-figure metrics."""
-        if self.metric in SCALAR_METRICS:
+        if self.metric in SCALAR_METRICS or self.metric in SEARCH_METRICS:
             return None
         if self.is_server:
             return self.stat
@@ -240,7 +246,7 @@ def _parse_slo(text: str) -> SLO:
         )
     stat: str | None = None
     if dot:
-        if metric in SCALAR_METRICS:
+        if metric in SCALAR_METRICS or metric in SEARCH_METRICS:
             raise _invalid(
                 text,
                 f"{metric} is a single figure and takes no statistic",

@@ -76,6 +76,8 @@ STATE_KEY: pytest.StashKey[PluginState] = pytest.StashKey()
 SETTINGS_KEY: pytest.StashKey[LoadSettings] = pytest.StashKey()
 LLM_KEY: pytest.StashKey[LLM] = pytest.StashKey()
 OUTCOME_KEY: pytest.StashKey[LoadOutcome] = pytest.StashKey()
+#: A capacity search's result (it stands in for the one load's outcome).
+SEARCH_KEY: pytest.StashKey[LoadResult] = pytest.StashKey()
 
 
-__all__ = ["LLM_KEY", "OUTCOME_KEY", "SETTINGS_KEY", "STATE_KEY", "PluginState"]
+__all__ = ["LLM_KEY", "OUTCOME_KEY", "SEARCH_KEY", "SETTINGS_KEY", "STATE_KEY", "PluginState"]

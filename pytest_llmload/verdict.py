@@ -12,13 +12,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .slo import SERVER_PREFIX, SLO
+from .slo import SEARCH_METRICS, SERVER_PREFIX, SLO
 
 if TYPE_CHECKING:
     from .metrics import Summary
     from .records import RequestRecord
     from .servermetrics import ServerMetrics
 
+MSG_NEEDS_SEARCH = "capacity is what a capacity search finds (llm_load(find_max=...))"
 MSG_ALL_FAILED = "every one of the {n} requests failed; the first errors:\n{errors}"
 MSG_NO_REQUESTS = (
     "the load test made no request: the test body never called llm.stream() or llm.astream()."
@@ -110,6 +111,9 @@ def evaluate(
     for slo in slos:
         if slo.is_server:
             results.append(_evaluate_server(slo, server))
+            continue
+        if slo.metric in SEARCH_METRICS:
+            results.append(SLOResult(slo, None, False, 0, MSG_NEEDS_SEARCH))
             continue
         observed = summary.value(slo.metric, slo.effective_stat)
         count = summary.count(slo.metric)

@@ -48,6 +48,8 @@ import pytest
 from .state import PluginState
 
 if TYPE_CHECKING:
+    from .engine import LoadOutcome
+    from .records import RequestRecord
     from .result import LoadResult
 
 #: ``workerinput`` keys the controller sets for each worker.
@@ -61,6 +63,10 @@ START_MARGIN_NS = 50_000_000
 #: How long a worker waits for the others before it starts its share alone.
 RENDEZVOUS_TIMEOUT = 60.0
 _POLL_S = 0.002
+#: How long a worker waits for the others' shares of a capacity probe, after its own ended.
+SHARE_TIMEOUT = 120.0
+#: The fields of a worker's outcome of a capacity probe that the other workers read.
+_OUTCOME_FIELDS = ("start_ns", "end_ns", "jobs", "failed", "max_in_flight", "stopped_reason")
 #: The summary's word for a load test that failed its SLOs on the merged figures.
 STAT_KEY = "failed on merged SLOs"
 #: ... and for an ``xfail`` load test that did, as expected.
@@ -125,6 +131,14 @@ def start_barrier(config: pytest.Config, nodeid: str) -> Callable[[], Awaitable[
     return plugin.rendezvous.start_at(nodeid)
 
 
+def probe_exchange(config: pytest.Config, nodeid: str) -> ProbeExchange | None:
+    """What the workers of a capacity search under ``--dist each`` share, else None."""
+    plugin = config.pluginmanager.get_plugin("llmload-worker")
+    if not isinstance(plugin, WorkerPlugin) or plugin.rendezvous is None:
+        return None
+    return ProbeExchange(plugin.rendezvous, nodeid)
+
+
 # -- the workers' rendezvous -------------------------------------------------------------------
 
 
@@ -186,6 +200,91 @@ class Rendezvous:
             with open(os.path.join(self.directory, f), encoding="ascii") as fh:
                 latest = max(latest, int(fh.read()))
         return latest
+
+
+class ProbeExchange:
+    """The workers of one capacity search under ``--dist each`` run every probe together.
+
+    Each probe starts at one instant (the rendezvous); a worker whose overload watch fires writes
+    a stop file the others' watches see, so all stop together; at the end of the probe each
+    worker writes its share (records and outcome) and reads everybody's. Every worker then decides
+    the probe on the same merged figures, with the same code, so they all choose the same next
+    probe, and the search runs in step on every worker without a round trip to the controller
+    (which merges the shares of the probe at the capacity found, as for any load test)."""
+
+    def __init__(self, rendezvous: Rendezvous, nodeid: str, *,
+                 timeout: float = SHARE_TIMEOUT) -> None:
+        self.rendezvous = rendezvous
+        self.nodeid = nodeid
+        self.timeout = timeout
+        self._tag = f"cap-{zlib.crc32(nodeid.encode()):08x}"
+
+    @property
+    def count(self) -> int:
+        return self.rendezvous.count
+
+    def _path(self, probe: int, what: str) -> str:
+        return os.path.join(self.rendezvous.directory, f"{self._tag}-{probe:03d}.{what}")
+
+    def start_at(self, probe: int) -> Callable[[], Awaitable[int]]:
+        return self.rendezvous.start_at(f"{self.nodeid}#probe{probe}")
+
+    def stop(self, probe: int, reason: str) -> None:
+        """Tell the other workers this probe is over."""
+        path = self._path(probe, "stop")
+        tmp = self._path(probe, f"stop.{self.rendezvous.worker}.tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(reason)
+        os.replace(tmp, path)
+
+    def stopped(self, probe: int) -> str | None:
+        """Why another worker stopped this probe, if one did."""
+        try:
+            with open(self._path(probe, "stop"), encoding="utf-8") as fh:
+                return fh.read()
+        except FileNotFoundError:
+            return None
+
+    def share(self, probe: int, records: Sequence[RequestRecord], outcome: LoadOutcome
+              ) -> tuple[list[RequestRecord], list[LoadOutcome]] | None:
+        """Publish this worker's share of ``probe`` and return everybody's (records, outcomes),
+        or None when a worker's share did not arrive in time."""
+        import json
+
+        from .engine import LoadOutcome
+        from .records import RequestRecord
+
+        origin = outcome.start_ns
+        mine = {
+            "origin_ns": origin,
+            "records": [r.to_dict(origin) for r in records],
+            "outcome": {k: getattr(outcome, k) for k in _OUTCOME_FIELDS},
+        }
+        worker = self.rendezvous.worker
+        tmp = self._path(probe, f"share.{worker}.tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(mine, fh)
+        os.replace(tmp, self._path(probe, f"share.{worker}"))
+        prefix = os.path.basename(self._path(probe, "share."))
+        give_up = time.monotonic() + self.timeout
+        while True:
+            names = sorted(f for f in os.listdir(self.rendezvous.directory)
+                           if f.startswith(prefix) and not f.endswith(".tmp"))
+            if len(names) >= self.count:
+                break
+            if time.monotonic() >= give_up:
+                return None
+            time.sleep(_POLL_S * 5)
+        all_records: list[RequestRecord] = []
+        outcomes: list[LoadOutcome] = []
+        for name in names:
+            with open(os.path.join(self.rendezvous.directory, name), encoding="utf-8") as fh:
+                d = json.load(fh)
+            base = int(d["origin_ns"])  # one machine: one perf_counter_ns clock
+            all_records.extend(RequestRecord.from_dict(r, base) for r in d["records"])
+            o = d["outcome"]
+            outcomes.append(LoadOutcome(**{k: o[k] for k in _OUTCOME_FIELDS}))
+        return all_records, outcomes
 
 
 # -- worker -> controller ----------------------------------------------------------------------

@@ -423,8 +423,10 @@ def test_load_keys_are_exactly_the_marker_keywords() -> None:
         "input_tokens",
         "output_tokens",
         "prefix",
+        "find_max",
+        "between",
     }
-    assert len(LOAD_KEYS) == 19
+    assert len(LOAD_KEYS) == 21
 
 
 @pytest.mark.parametrize(
@@ -1062,6 +1064,7 @@ _NON_DEFAULT: dict[str, object] = {
     "server_metrics_interval": 0.5, "compare_fail": ["ttft.p99:10%", "error_rate:+1%"],
     "dataset": None, "input_tokens": "normal:500,100", "output_tokens": "200:0.7,2000:0.3",
     "prefix": "groups=8,prefix_tokens=1024",
+    "find_max": "concurrency", "between": (2.0, 64.0),
 }
 
 

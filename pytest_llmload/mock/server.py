@@ -89,6 +89,8 @@ class RequestLog:
     """What the server saw and did for one request (``GET /mock/requests`` serialises these)."""
 
     __slots__ = (
+        "admitted_ns",
+        "cached_tokens",
         "chunk_ns",
         "chunk_tokens",
         "completion_tokens",
@@ -98,14 +100,12 @@ class RequestLog:
         "fault",
         "finish_reason",
         "id",
+        "ignore_eos",
         "images",
         "max_tokens",
-        "model",
-        "admitted_ns",
-        "cached_tokens",
-        "ignore_eos",
         "messages",
         "min_tokens",
+        "model",
         "path",
         "prompt_tokens",
         "reasoning_tokens",
@@ -201,10 +201,11 @@ class MockApp:
         self._spec_cache: dict[str, MockSpec] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.clock_offset = 0.0
-        self.running = 0
-        """Requests holding a slot (generating), of every spec."""
-        self.waiting: deque[_Stream] = deque()
-        """Requests waiting for a slot, first come first served."""
+        self.pool = _Pool(spec.slots)
+        """The slots of the server's own spec."""
+        self.pools: dict[MockSpec, _Pool] = {spec: self.pool}
+        """One pool of slots per spec: requests whose ``X-Mock-Spec`` sets the capacity model
+        share a pool of their own (so one test can load a saturating server of its own)."""
         self.prefix_blocks: OrderedDict[int, None] = OrderedDict()
         """The prefix cache: hashes of prompt-word blocks, each chained to the blocks before it
         (so a block hits only after the same prefix), least recently used first."""
@@ -229,7 +230,7 @@ class MockApp:
         self.queued = 0
         self.queue_wait_ns = 0
         self.max_queue_wait_ns = 0
-        self.max_waiting = len(self.waiting)
+        self.max_waiting = self.waiting
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -293,7 +294,7 @@ class MockApp:
             "open_connections": self.open_connections,
             "slots": self.spec.slots,
             "running": self.running,
-            "waiting": len(self.waiting),
+            "waiting": self.waiting,
             "max_waiting": self.max_waiting,
             "queued": self.queued,
             "queue_wait_s_total": self.queue_wait_ns / 1e9,
@@ -343,13 +344,13 @@ class MockApp:
             f"vllm:num_requests_running{label} {self.running}",
             "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
             "# TYPE vllm:num_requests_waiting gauge",
-            f"vllm:num_requests_waiting{label} {len(self.waiting)}",
+            f"vllm:num_requests_waiting{label} {self.waiting}",
         ]
         if self.spec.slots:
             lines += [
                 "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
                 "# TYPE vllm:kv_cache_usage_perc gauge",
-                f"vllm:kv_cache_usage_perc{label} {self.running / self.spec.slots}",
+                f"vllm:kv_cache_usage_perc{label} {self.pool.running / self.spec.slots}",
             ]
         lines += [
             "# HELP vllm:num_preemptions_total Cumulative number of preemption from the engine.",
@@ -380,35 +381,58 @@ class MockApp:
 
     # -- the capacity model: slots and the FIFO queue ----------------------------------------
 
+    @property
+    def running(self) -> int:
+        """Requests holding a slot (generating), in every pool."""
+        return sum(p.running for p in self.pools.values())
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a slot, in every pool."""
+        return sum(len(p.waiting) for p in self.pools.values())
+
+    def pool_for(self, spec: MockSpec) -> _Pool:
+        pool = self.pools.get(spec)
+        if pool is None:
+            if not spec.saturates:
+                return self.pool  # no capacity model of its own: the server's
+            if len(self.pools) > 64:  # bounded: drop idle pools of past overrides
+                for key in [k for k, p in self.pools.items() if p.idle and p is not self.pool]:
+                    del self.pools[key]
+            pool = self.pools[spec] = _Pool(spec.slots)
+        return pool
+
     def admit(self, stream: _Stream) -> None:
-        """Start ``stream`` now if a slot is free (or slots are unlimited), else queue it."""
-        slots = self.spec.slots
-        if slots and (self.running >= slots or self.waiting):
-            self.waiting.append(stream)
-            self.max_waiting = max(self.max_waiting, len(self.waiting))
+        """Start ``stream`` now if a slot of its pool is free (or slots are unlimited), else
+        queue it."""
+        pool = stream.pool
+        if pool.slots and (pool.running >= pool.slots or pool.waiting):
+            pool.waiting.append(stream)
+            self.max_waiting = max(self.max_waiting, self.waiting)
             stream.queue()
             return
         self._start(stream, stream.rec.received_ns)  # no wait: its schedule runs from receipt
 
     def _start(self, stream: _Stream, now: int) -> None:
-        self.running += 1
+        pool = stream.pool
+        pool.running += 1
         self.prompt_tokens_total += stream.rec.prompt_tokens
         rec = stream.rec
         rec.admitted_ns = now
         wait = now - rec.received_ns
-        if wait > 0 and self.spec.slots:
+        if wait > 0 and pool.slots:
             self.queued += 1
             self.queue_wait_ns += wait
             self.max_queue_wait_ns = max(self.max_queue_wait_ns, wait)
         stream.begin(now)
 
-    def release(self) -> None:
+    def release(self, pool: _Pool) -> None:
         """A generating request ended: its slot goes to the longest waiting request."""
-        self.running -= 1
-        slots = self.spec.slots
+        pool.running -= 1
+        slots = pool.slots
         now = perf_counter_ns()
-        while self.waiting and (not slots or self.running < slots):
-            stream = self.waiting.popleft()
+        while pool.waiting and (not slots or pool.running < slots):
+            stream = pool.waiting.popleft()
             if stream.done:  # its client left while it waited
                 continue
             self._start(stream, now)
@@ -710,6 +734,21 @@ def _completion_prompt(req: dict[str, Any], out: list[str]) -> int:
     raise _bad_request("prompt must be a string or a list of strings.")
 
 
+class _Pool:
+    """The slots of one capacity model, and the requests waiting for them."""
+
+    __slots__ = ("running", "slots", "waiting")
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self.running = 0
+        self.waiting: deque[_Stream] = deque()
+
+    @property
+    def idle(self) -> bool:
+        return not self.running and not self.waiting
+
+
 class _Stream:
     """One response on its absolute schedule: a chain of timer callbacks, one per chunk."""
 
@@ -728,11 +767,12 @@ class _Stream:
         "n_reasoning",
         "n_tokens",
         "offset",
+        "pool",
         "pre",
         "r_chunks",
         "rec",
-        "rpre",
         "rng",
+        "rpre",
         "spec",
         "suf",
         "tail",
@@ -772,6 +812,7 @@ class _Stream:
         self.done = False
         self.holds_slot = False
         self.include_usage = False
+        self.pool = app.pool_for(spec)
 
     def queue(self) -> None:
         """Wait for a slot: the connection is taken (a disconnect reaches client_gone), nothing is
@@ -792,17 +833,17 @@ class _Stream:
         self.done = True
         if self.holds_slot:
             self.holds_slot = False
-            self.app.release()
-        elif self.app.waiting:
+            self.app.release(self.pool)
+        elif self.pool.waiting:
             with contextlib.suppress(ValueError):  # its client left while it waited
-                self.app.waiting.remove(self)
+                self.pool.waiting.remove(self)
 
     def _step_ns(self) -> int:
         """One decode step now: slower with every other request generating beside this one."""
         spec = self.spec
         if not spec.itl_per_active_ns:
             return spec.itl_ns
-        return spec.itl_ns + spec.itl_per_active_ns * max(0, self.app.running - 1)
+        return spec.itl_ns + spec.itl_per_active_ns * max(0, self.pool.running - 1)
 
     def _gap(self, base_ns: int) -> int:
         rng = self.rng
