@@ -15,10 +15,11 @@ SATURATING = {"X-Mock-Spec": "slots=16,ttft=50ms,itl=10ms,tokens=16"}
 
 
 @pytest.mark.llm_load(
-    find_max="rps", between=(40, 160), max_tokens=16,
+    find_max="rps", between=(40, 160), requests=150, max_tokens=16,
     slo=["ttft.p95<150ms", "error_rate<1%", "capacity>=40rps"],
 )
 async def test_capacity(llm):
-    """Probes from 40 req/s, doubling until the SLOs break, then halving the bracket to 5 %."""
+    """Probes from 40 req/s, doubling until the SLOs break, then halving the bracket to 5 %;
+    150 requests a probe at least (enough for a p95, and 10 request times at 40 req/s)."""
     out = await llm.astream("Tell me a story.", extra_headers=SATURATING)
     assert out.text

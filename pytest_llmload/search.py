@@ -131,7 +131,7 @@ def run_capacity_search(
             return False
 
         if progress is not None:
-            progress(f"probe {len(steps) + 1}: {format_value(variable, value)} {u}, {n} requests")
+            progress(f"probe {k + 1}: {format_value(variable, value)} {u}, {n} requests")
         started = time.perf_counter()
         outcome = run_load_test(
             item, s, llm, watch=check if watch else None, worker_index=worker_index,
