@@ -5,7 +5,8 @@ Every test under tests/integration/ is marked `integration` and is skipped, with
 in the reason, when the `integration` extra (torch and transformers[serving]) is missing. Select or
 deselect them with `-m integration` / `-m "not integration"`.
 
-Fixtures (session scope; one server per pytest process, so one per xdist worker):
+Fixtures (session scope, `vllm_server` module scope; one server per pytest process, so one per
+xdist worker):
 
 - `tiny_model_dir` -> Path of the saved model + tokenizer (built in a few seconds, seeded).
 - `transformers_server` -> TransformersServer(base_url="http://127.0.0.1:PORT/v1",
@@ -161,7 +162,10 @@ def vllm_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: every vLLM test lives in test_vllm.py, so the server still starts once,
+# and it stops as soon as they are done instead of idling (three processes, 3 GB, some CPU) through
+# the rest of the suite on a 2-core machine.
+@pytest.fixture(scope="module")
 def vllm_server(
     vllm_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[VllmServer]:
