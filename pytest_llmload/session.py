@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from .client import LLMClient, StreamError, StreamResult
-from .endpoint import Endpoint
+from .endpoint import TRANSPORT_LITELLM, Endpoint
 from .engine import STOP_DEADLINE, STOP_INTERRUPTED, JobContext, LoadOutcome, LoadPlan, LoopThread
 from .failures import ERR_CANCELLED
 from .records import RequestRecord
@@ -286,7 +286,7 @@ class LLM:
         TGI's OpenAI route ignores unknown ones); litellm takes them as ``extra_body``."""
         fields = draw.request_kwargs()
         client = self.session_client.client
-        if client.transport == "litellm":
+        if client.transport == TRANSPORT_LITELLM:
             extra = {k: fields.pop(k) for k in ("ignore_eos", "min_tokens") if k in fields}
             if extra:
                 fields["extra_body"] = extra
