@@ -89,6 +89,13 @@ def test_the_run_says_where_the_reports_went_and_its_exit_code_stands(run: Run) 
 # -- the page in a browser ------------------------------------------------------------------------
 
 
+def _report(*args: str) -> int:
+    """``python -m pytest_llmload report ...`` in its own process: matplotlib is imported fresh
+    there, whatever other tests of this process did to ``sys.modules``."""
+    return subprocess.run([sys.executable, "-m", "pytest_llmload", "report", *args],
+                          capture_output=True, text=True, timeout=300, check=False).returncode
+
+
 def _chromium() -> str | None:
     for name in ("chromium", "chromium-browser", "google-chrome"):
         found = shutil.which(name)
@@ -295,7 +302,7 @@ def test_the_report_command_renders_the_same_reports_from_the_saved_json(
     run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     html, md = tmp_path / "again.html", tmp_path / "again.md"
-    assert main(["report", str(run.json), "--html", str(html), "--markdown", str(md)]) == 0
+    assert _report(str(run.json), "--html", str(html), "--markdown", str(md)) == 0
     assert md.read_text() == run.markdown.read_text()
 
     def body(text: str) -> str:  # the page names its source file and when it was rendered
@@ -353,7 +360,7 @@ def test_ten_thousand_requests_give_a_page_under_5_mb_that_says_it_sampled(
     source = tmp_path / "big.json"
     _synthetic(source, 10_000)
     page = tmp_path / "big.html"
-    assert main(["report", str(source), "--html", str(page)]) == 0
+    assert _report(str(source), "--html", str(page)) == 0
     size = page.stat().st_size
     assert size < 5_000_000, size
     text = page.read_text()
@@ -389,7 +396,7 @@ def test_other_features_data_and_intervals_are_shown_when_present(tmp_path: Path
          "checks": [], "regressions": []}]}
     source.write_text(json.dumps(doc))
     page, md = tmp_path / "extra.html", tmp_path / "extra.md"
-    assert main(["report", str(source), "--html", str(page), "--markdown", str(md)]) == 0
+    assert _report(str(source), "--html", str(page), "--markdown", str(md)) == 0
     text = page.read_text()
     assert 'data-verdict="INCONCLUSIVE"' in text
     assert "[0.19 s, 0.26 s]" in text and "[0.19 s, 0.26 s]" in md.read_text()
@@ -410,7 +417,7 @@ def test_a_report_without_verdicts_tests_or_records_still_renders(tmp_path: Path
                                         is_load_test=False))
     write_json_report(source, config={}, tests=[plain])
     page = tmp_path / "old.html"
-    assert main(["report", str(source), "--html", str(page)]) == 0
+    assert _report(str(source), "--html", str(page)) == 0
     assert "Tests without llm_load" in page.read_text()
 
 
