@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .intervals import DEFAULT_CONFIDENCE, Interval
 from .records import NS, RequestRecord
 from .slo import (
     DEFAULT_STAT,
@@ -41,6 +42,8 @@ FloatArray = npt.NDArray[np.float64]
 
 #: Figures of :class:`Stats` in the order reports show them.
 STAT_NAMES: tuple[str, ...] = ("count", "mean", "min", "p50", "p90", "p95", "p99", "max")
+#: Percentiles whose confidence intervals the reports carry.
+CI_STATS: tuple[str, ...] = ("p50", "p90", "p95", "p99")
 #: How many distinct error messages a summary keeps as examples.
 MAX_ERROR_EXAMPLES = 5
 
@@ -54,7 +57,10 @@ class Stats:
     percentile can be asked for later without sorting again.
     """
 
-    __slots__ = ("_sorted", "count", "max", "mean", "min", "p50", "p90", "p95", "p99")
+    __slots__ = (
+        "_clustered", "_lengths", "_raw", "_sorted",
+        "count", "max", "mean", "min", "p50", "p90", "p95", "p99",
+    )
 
     count: int
     mean: float | None
@@ -65,8 +71,21 @@ class Stats:
     p95: float | None
     p99: float | None
 
-    def __init__(self, values: npt.ArrayLike = ()) -> None:
+    def __init__(self, values: npt.ArrayLike = (), lengths: npt.ArrayLike | None = None) -> None:
         arr = np.array(values, dtype=np.float64).ravel()
+        self._raw: FloatArray | None = None
+        self._lengths: npt.NDArray[np.int64] | None = None
+        self._clustered: Any = None
+        if lengths is not None:
+            # samples clustered by request (ITL): intervals take the request as the unit
+            lens = np.asarray(lengths, dtype=np.int64).ravel()
+            keep = ~np.isnan(arr)
+            if not keep.all():
+                lens = np.bincount(
+                    np.repeat(np.arange(lens.size), lens)[keep], minlength=lens.size
+                ).astype(np.int64)
+                arr = arr[keep]
+            self._raw, self._lengths = arr.copy(), lens[lens > 0]
         arr = arr[~np.isnan(arr)]  # NaN has no rank; records never produce one
         arr.sort()
         arr.flags.writeable = False
@@ -105,13 +124,97 @@ class Stats:
             raise ValueError(f"unknown statistic {stat!r}; expected mean, min, max or pNN")
         return self.percentile(q)
 
-    def as_dict(self) -> dict[str, Any]:
-        """``{"count", "mean", "min", "p50", "p90", "p95", "p99", "max"}`` (None when empty)."""
-        return {name: getattr(self, name) for name in STAT_NAMES}
+    @property
+    def clustered(self) -> bool:
+        """Whether the samples are grouped by request (ITL), so intervals resample requests."""
+        return self._lengths is not None
+
+    @property
+    def requests(self) -> int:
+        """Independent units behind the samples: requests that gave any (for ITL), else the
+        samples themselves."""
+        return int(self._lengths.size) if self._lengths is not None else self.count
+
+    def interval(self, stat: str, confidence: float = DEFAULT_CONFIDENCE) -> Interval | None:
+        """Two-sided ``confidence`` interval of a percentile or the mean; None for min and max
+        (figures of this run, not estimates). A side is None when the samples are too few to
+        bound it (see :mod:`pytest_llmload.intervals`)."""
+        from pytest_llmload import intervals as iv
+
+        if stat in ("min", "max"):
+            return None
+        if stat == "mean":
+            return iv.mean_interval(self._raw if self.clustered else self._sorted,
+                                    self._lengths, confidence)
+        q = _quantile_of(stat)
+        if self.clustered:
+            return iv.clustered_quantile_intervals(self._raw, self._lengths, [q], confidence)[0]
+        return iv.quantile_interval(self._sorted, q, confidence)
+
+    def bound(
+        self, stat: str, confidence: float = DEFAULT_CONFIDENCE, side: str = "upper"
+    ) -> float | None:
+        """One-sided ``confidence`` bound on a percentile or the mean (``side``: 'upper' or
+        'lower'); None when the samples cannot give it. min and max: the figure itself."""
+        from pytest_llmload import intervals as iv
+
+        if stat in ("min", "max"):
+            return self.get(stat)
+        s: iv.Side = "upper" if side == "upper" else "lower"
+        if stat == "mean":
+            return iv.mean_bound(self._raw if self.clustered else self._sorted,
+                                 self._lengths, confidence, s)
+        q = _quantile_of(stat)
+        if self.clustered:
+            return iv.clustered_quantile_bound(self._raw, self._lengths, q, confidence, s)
+        return iv.quantile_bound(self._sorted, q, confidence, s)
+
+    def needed(self, stat: str, confidence: float = DEFAULT_CONFIDENCE,
+               side: str = "upper") -> int | None:
+        """How many requests a one-sided bound on ``stat`` needs at ``confidence`` (None when
+        it needs no particular number): the binomial minimum for independent samples; for
+        samples clustered by request, the requests at which the bound's rank would fall inside
+        the samples, extrapolated from the standard error seen."""
+        from pytest_llmload import intervals as iv
+
+        q = stat_quantile(stat)
+        if q is None:
+            return None
+        q /= 100.0
+        s: iv.Side = "upper" if side == "upper" else "lower"
+        if not self.clustered:
+            return iv.min_samples(q, confidence, s)
+        room = (1.0 - q) if s == "upper" else q
+        data = iv._Clustered.of(self._raw, self._lengths)
+        se = data.rank_se(q)
+        r = self.requests
+        if room <= 0 or not math.isfinite(se) or se == 0:
+            return max(2, iv.min_samples(q, confidence, s))
+        z = iv._z(confidence)
+        return max(r + 1, math.ceil(r * (z * se / room) ** 2))
+
+    def as_dict(self, confidence: float | None = None) -> dict[str, Any]:
+        """``{"count", "mean", "min", "p50", "p90", "p95", "p99", "max"}`` (None when empty);
+        with a ``confidence``, also ``"ci"``: ``{"p50": {"low", "high", "confidence",
+        "method"}, ...}`` for each percentile (a None side: too few samples to bound it)."""
+        out = {name: getattr(self, name) for name in STAT_NAMES}
+        if confidence is not None:
+            out["ci"] = {
+                name: (ci.as_dict() if (ci := self.interval(name, confidence)) else None)
+                for name in CI_STATS
+            } if self.count else {}
+        return out
 
     def __repr__(self) -> str:
         figures = ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items())
         return f"Stats({figures})"
+
+
+def _quantile_of(stat: str) -> float:
+    q = stat_quantile(stat)
+    if q is None:
+        raise ValueError(f"unknown statistic {stat!r}; expected mean, min, max or pNN")
+    return q / 100.0
 
 
 def stats(values: npt.ArrayLike | Iterable[float]) -> Stats:
@@ -181,6 +284,8 @@ class Summary:
 
     ok: int
     failed: int
+    cancelled: int
+    confidence: float
     error_rate: float | None
     ttft: Stats
     itl: Stats
@@ -229,6 +334,7 @@ class Summary:
 
     @property
     def total(self) -> int:
+        """Requests that completed, successfully or not (cancelled ones are not counted)."""
         return self.ok + self.failed
 
     @property
@@ -297,11 +403,15 @@ class Summary:
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready figures (seconds, per second, fractions; None for no data)."""
         return {
-            "requests": {"ok": self.ok, "failed": self.failed, "total": self.total},
+            "requests": {
+                "ok": self.ok, "failed": self.failed, "total": self.total,
+                "cancelled": self.cancelled,
+            },
             "error_rate": self.error_rate,
             "duration_s": self.duration_s,
+            "confidence": self.confidence,
             "metrics": {
-                name: self.stats_for(name).as_dict()
+                name: self.stats_for(name).as_dict(self.confidence)
                 for name in ("ttft", "itl", "tpot", "e2e", "output_tokens")
             },
             "schedule_lag": self.schedule_lag.as_dict(),
@@ -350,7 +460,12 @@ def _nan_to_none(x: float) -> float | None:
     return None if math.isnan(x) else x
 
 
-def summarize(records: Iterable[RequestRecord], *, slos: Sequence[SLO] = ()) -> Summary:
+def summarize(
+    records: Iterable[RequestRecord],
+    *,
+    slos: Sequence[SLO] = (),
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> Summary:
     """Summarise ``records`` (warm-up requests excluded by the caller).
 
     ``slos`` decide goodput: a successful request is *good* when it meets every latency SLO
@@ -359,7 +474,10 @@ def summarize(records: Iterable[RequestRecord], *, slos: Sequence[SLO] = ()) -> 
     fails ttft/e2e SLOs; one with fewer than two chunks or tokens has no ITL/TPOT and does not
     fail those. Without latency SLOs goodput equals the request throughput.
     """
-    recs = list(records)
+    every = list(records)
+    # A request cancelled by an interrupt or by the test's bound never completed: it is neither
+    # a failure of the endpoint nor a measurement, so it is counted apart and nowhere else.
+    recs = [r for r in every if not r.cancelled]
     n_all = len(recs)
     ok_recs = [r for r in recs if r.ok]
     n_ok = len(ok_recs)
@@ -367,6 +485,8 @@ def summarize(records: Iterable[RequestRecord], *, slos: Sequence[SLO] = ()) -> 
     s = Summary()
     s.ok = n_ok
     s.failed = n_all - n_ok
+    s.cancelled = len(every) - n_all
+    s.confidence = confidence
     s.error_rate = s.failed / n_all if n_all else None
 
     # -- per successful request: instants as int64 ns (exact), then seconds
@@ -438,7 +558,7 @@ def summarize(records: Iterable[RequestRecord], *, slos: Sequence[SLO] = ()) -> 
 
     # -- ITL, vectorised over all chunks of all successful requests
     itl_all, itl_lengths = itl_samples(ok_recs)
-    s.itl = Stats(itl_all)
+    s.itl = Stats(itl_all, itl_lengths)
 
     # -- window and throughput
     if n_all:
@@ -486,7 +606,7 @@ def summarize(records: Iterable[RequestRecord], *, slos: Sequence[SLO] = ()) -> 
             examples.setdefault((r.error_type, r.error or ""), None)
     s.error_examples = list(examples)
     s.tokens_sources = dict(Counter(r.tokens_source for r in ok_recs).most_common())
-    s.interrupted = sum(1 for r in recs if r.interrupted)
+    s.interrupted = sum(1 for r in every if r.interrupted)
     return s
 
 

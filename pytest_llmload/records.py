@@ -15,6 +15,9 @@ from typing import Any
 
 NS = 1_000_000_000
 
+#: The error type of a request cancelled before it completed (Ctrl-C, the test's bound).
+ERR_CANCELLED = "cancelled"
+
 #: Where ``output_tokens`` came from.
 TOKENS_USAGE = "usage"
 TOKENS_TOKENIZER = "tokenizer"
@@ -78,6 +81,11 @@ class RequestRecord:
     @property
     def ok(self) -> bool:
         return self.error_type is None
+
+    @property
+    def cancelled(self) -> bool:
+        """Cut short by an interrupt or the test's bound: not a failure, not a measurement."""
+        return self.error_type == ERR_CANCELLED
 
     @property
     def ttft(self) -> float | None:

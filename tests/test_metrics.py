@@ -332,9 +332,13 @@ def test_bookkeeping_order_and_limits() -> None:
 def test_as_dict_is_json_ready() -> None:
     s = summarize(three_records(), slos=[parse_slo("ttft<1s")])
     d = json.loads(json.dumps(s.as_dict(), allow_nan=False))
-    assert d["requests"] == {"ok": 2, "failed": 1, "total": 3}
+    assert d["requests"] == {"ok": 2, "failed": 1, "total": 3, "cancelled": 0}
     assert set(d["metrics"]) == {"ttft", "itl", "tpot", "e2e", "output_tokens"}
-    assert set(d["metrics"]["itl"]) == {"count", "mean", "min", "p50", "p90", "p95", "p99", "max"}
+    assert set(d["metrics"]["itl"]) == {
+        "count", "mean", "min", "p50", "p90", "p95", "p99", "max", "ci"
+    }
+    assert d["confidence"] == 0.95
+    assert set(d["metrics"]["ttft"]["ci"]) == {"p50", "p90", "p95", "p99"}
     assert d["throughput"] == {
         "output_tokens_per_s": 3.0,
         "requests_per_s": 1.0,
@@ -439,3 +443,29 @@ def test_ten_thousand_requests_of_two_hundred_tokens() -> None:
     assert s.good == 5_000  # own p95 ITL below 30 ms for the fast half, about 58 ms otherwise
     # a guard against per-sample Python loops (about 0.3 s here), not a benchmark
     assert elapsed < 15, elapsed
+
+
+def test_cancelled_requests_are_neither_failed_nor_measured() -> None:
+    """A request cut short by Ctrl-C is counted as cancelled: out of the error rate and out of
+    the latency figures."""
+    from pytest_llmload.records import ERR_CANCELLED
+
+    records = [*three_records(), rec(0, [], error_type=ERR_CANCELLED, error="cancelled")]
+    s = summarize(records)
+    base = summarize(three_records())
+    assert (s.ok, s.failed, s.cancelled) == (base.ok, base.failed, 1)
+    assert s.error_rate == base.error_rate
+    assert s.ttft.count == base.ttft.count
+
+
+def test_percentile_intervals_in_the_summary() -> None:
+    """Each percentile carries an order-statistic interval; p99 of 40 samples has no upper
+    bound at 95 % (it needs 299) and says so with None."""
+    records = [rec(0, [int(i * 1e6) + 1_000_000, int(i * 1e6) + 2_000_000]) for i in range(40)]
+    s = summarize(records)
+    ci = s.ttft.interval("p50")
+    assert ci is not None and ci.low is not None and ci.high is not None
+    assert ci.low <= s.ttft.p50 <= ci.high  # type: ignore[operator]
+    assert s.ttft.interval("p99").high is None  # type: ignore[union-attr]
+    assert s.ttft.needed("p99") == 299
+    assert s.as_dict()["metrics"]["ttft"]["ci"]["p99"]["high"] is None

@@ -186,7 +186,7 @@ def test_every_request_failed_shows_the_first_errors_without_a_crash(
         assert bad not in text, bad
     # the report of a run where nothing succeeded is still strict JSON with empty figures
     tests = report_tests(pytester.path / "report.json")
-    assert tests["test_sync"]["requests"] == {"ok": 0, "failed": 10, "total": 10}
+    assert tests["test_sync"]["requests"] == {"ok": 0, "failed": 10, "total": 10, "cancelled": 0}
     assert tests["test_sync"]["metrics"]["ttft"]["p99"] is None
 
 
@@ -346,7 +346,7 @@ def test_an_assertion_in_the_body_counts_as_a_failed_request(
     result.stdout.fnmatch_lines(["SLO failed: error_rate = 25% > 10% (n=20)"])
     assert len(by_max_tokens(mock.requests(), 8)) == 20  # every request went through
     test = report_tests(pytester.path / "report.json")["test_picky"]
-    assert test["requests"] == {"ok": 15, "failed": 5, "total": 20}
+    assert test["requests"] == {"ok": 15, "failed": 5, "total": 20, "cancelled": 0}
     failed = [r for r in test["records"] if r["error"] is not None]
     assert len(failed) == 5
     assert all(r["error"] == "every fourth answer is rejected" for r in failed)
@@ -536,10 +536,12 @@ def test_json_report_error_log_junit_and_summary(
     assert json.loads((out / "report.json").read_text())["config"]["api_key"] == "***"
     load = tests["test_load"]
     assert load["transport"] == "sse"
-    assert load["requests"] == {"ok": 16, "failed": 4, "total": 20}
+    assert load["requests"] == {"ok": 16, "failed": 4, "total": 20, "cancelled": 0}
     for metric in ("ttft", "itl", "tpot", "e2e"):
         stats = load["metrics"][metric]
-        assert set(stats) == {"count", "mean", "min", "p50", "p90", "p95", "p99", "max"}
+        assert set(stats) == {"count", "mean", "min", "p50", "p90", "p95", "p99", "max", "ci"}
+        ci = stats["ci"]["p50"]
+        assert ci["low"] <= stats["p50"] <= ci["high"] and ci["confidence"] == 0.95
         assert stats["min"] <= stats["p50"] <= stats["p99"] <= stats["max"]
     assert 0.015 < load["metrics"]["ttft"]["mean"] < 1.0  # seconds: the mock's TTFT is 20 ms
     assert 0.0005 < load["metrics"]["itl"]["mean"] < 0.1

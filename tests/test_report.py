@@ -240,10 +240,11 @@ def test_json_report_shape(tmp_path: Path) -> None:
     }
     (test,) = doc["tests"]
     assert test["nodeid"] == NODE and test["transport"] == "sse" and test["load"] is True
-    assert test["requests"] == {"ok": 10, "failed": 2, "total": 12}
+    assert test["requests"] == {"ok": 10, "failed": 2, "total": 12, "cancelled": 0}
     assert set(test["metrics"]) >= {"ttft", "itl", "tpot", "e2e"}
     for figures in test["metrics"].values():
-        assert set(figures) == {"count", "mean", "min", "p50", "p90", "p95", "p99", "max"}
+        assert set(figures) == {"count", "mean", "min", "p50", "p90", "p95", "p99", "max", "ci"}
+        assert set(figures["ci"]) in ({"p50", "p90", "p95", "p99"}, set())
     assert test["metrics"]["ttft"]["mean"] == pytest.approx(0.145)
     assert test["metrics"]["ttft"]["count"] == 10
     assert test["throughput"]["output_tokens_per_s"] == pytest.approx(25.0)
