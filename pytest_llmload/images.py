@@ -148,8 +148,8 @@ def random_height(rng: random.Random) -> int:
 class ImageFactory:
     """One image per request index: its size reproducible from ``(seed, index)``.
 
-    ``include=False`` gives no images. ``randomize=True`` keeps the width at 1024 and draws the
-    height from 100..1024 (``--llm-randomize-image-dimensions``).
+    ``randomize=True`` keeps the width at 1024 and draws the height from 100..1024
+    (``--llm-randomize-image-dimensions``).
 
     ``salt`` is mixed into the pixels only, never the sizes: the plugin passes a random salt per
     run, so the same seed repeats the heights while a server that kept last run's images (a
@@ -160,14 +160,12 @@ class ImageFactory:
     def __init__(
         self,
         *,
-        include: bool,
         randomize: bool,
         seed: int,
         width: int = DEFAULT_WIDTH,
         height: int = DEFAULT_HEIGHT,
         salt: int = 0,
     ) -> None:
-        self.include = include
         self.randomize = randomize
         self.seed = seed
         self.width = width
@@ -180,10 +178,8 @@ class ImageFactory:
             return self.width, self.height
         return self.width, random_height(self._rng(index))
 
-    def next(self, index: int) -> GeneratedImage | None:
-        """The image for request ``index``, or None when images are off."""
-        if not self.include:
-            return None
+    def next(self, index: int) -> GeneratedImage:
+        """The image for request ``index``."""
         rng = self._rng(index)
         height = random_height(rng) if self.randomize else self.height
         # XOR with one salt keeps distinct indices distinct
@@ -195,7 +191,7 @@ class ImageFactory:
 
     def __repr__(self) -> str:
         return (
-            f"ImageFactory(include={self.include}, randomize={self.randomize}, seed={self.seed}, "
+            f"ImageFactory(randomize={self.randomize}, seed={self.seed}, "
             f"width={self.width}, height={self.height}, salt={self.salt})"
         )
 

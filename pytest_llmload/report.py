@@ -81,7 +81,6 @@ def format_table(
     slo_results: Sequence[SLOResult] = (),
     *,
     transport: str | None = None,
-    lag_note: str | None = None,
     interrupted: bool = False,
     secrets: Iterable[str | None] = (),
     load: str | None = None,
@@ -89,8 +88,7 @@ def format_table(
 ) -> list[str]:
     """The per-test block of the terminal summary, as lines (no trailing newlines).
 
-    ``transport`` overrides the transports seen in the records; ``lag_note`` is an extra line
-    about the schedule (e.g. that the client fell behind); ``load`` describes the load that was
+    ``transport`` overrides the transports seen in the records; ``load`` describes the load that was
     asked for (``40 requests at 10 req/s (poisson)``); error messages are redacted. With
     ``workload`` (datasets, token lengths or prefixes were configured) the tokens per request
     and the prefix cache are shown even when nothing was cached.
@@ -150,8 +148,6 @@ def format_table(
                 f"p99 {format_ms(s.ttft_from_intended.p99)} ms"
             )
         lines.append(open_loop)
-    if lag_note:
-        lines.append(f"  {lag_note}")
     if s.interrupted:
         lines.append(f"  {s.interrupted} request(s) were cut short by an interruption")
 

@@ -557,7 +557,7 @@ def run_load_test(
 
         # heights follow the test's seed; a per-run salt keeps a server's image cache cold
         factory = ImageFactory(
-            include=True, randomize=settings.randomize_image_dimensions, seed=settings.seed,
+            randomize=settings.randomize_image_dimensions, seed=settings.seed,
             salt=secrets.randbits(64),
         )
         images = ImageFeed(factory, image_order(plan), ahead=_images_ahead(plan))

@@ -117,7 +117,8 @@ def configure(config: pytest.Config, state: PluginState) -> None:
             state.controller_gates = True
             directory = workerinput.get(RENDEZVOUS_KEY)
             if directory and count > 1:
-                rendezvous = Rendezvous(str(directory), state.worker_id, count)
+                rendezvous = Rendezvous(str(directory), state.worker_id, count,
+                                        timeout=RENDEZVOUS_TIMEOUT)
         config.pluginmanager.register(WorkerPlugin(config, state, rendezvous), "llmload-worker")
     elif _is_controller(config):
         config.pluginmanager.register(ControllerPlugin(config, state), "llmload-controller")
@@ -393,6 +394,8 @@ class ControllerPlugin:
         self.same_machine = True
         self.received: list[tuple[str, list[dict[str, Any]]]] = []
         self.nodes = 0
+        self.expected = 0
+        """How many workers the run asked for (-n): a replacement of a crashed one is not more."""
         self.failures: list[tuple[str, str]] = []
         self.xfailed: list[tuple[str, str, str]] = []
         """(test id, why, xfail reason) of xfail tests that failed on the merged figures."""
@@ -404,6 +407,7 @@ class ControllerPlugin:
         node.workerinput[DIST_KEY] = self.mode
         node.workerinput[INDEX_KEY] = self.nodes
         self.nodes += 1
+        self.expected = int(node.workerinput.get("workercount", self.nodes))
         self.same_machine = self.same_machine and _same_machine(node)
         if self.mode == "each" and self.same_machine:
             if self.rendezvous_dir is None:
@@ -458,7 +462,7 @@ class ControllerPlugin:
                 continue
             if not all(p.get("aligned", True) for p in payloads):
                 unaligned.append(nodeid)
-            if len(workers_of[nodeid]) < self.nodes:
+            if len(workers_of[nodeid]) < self.expected:
                 missing.append(nodeid)
             why = (
                 "\n".join(filter(None, [failure_message(result), *regressions])) if gate else None
@@ -477,7 +481,7 @@ class ControllerPlugin:
         if missing:
             self.notes.append(MSG_MISSING.format(
                 tests=_name_tests(missing), got=min(len(workers_of[n]) for n in missing),
-                total=self.nodes))
+                total=self.expected))
         if self.mode != "each":
             overlapping = self._overlapping()
             if overlapping:

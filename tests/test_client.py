@@ -28,6 +28,7 @@ from pytest_llmload.mock import MockServer
 from pytest_llmload.records import RequestRecord
 from pytest_llmload.sse import SSEStream
 from pytest_llmload.tokens import Tokenizer, load_tokenizer
+from tests.timing import ATTEMPTS, wake_up_lateness_s
 
 MS = 1_000_000
 TOKENS = 40
@@ -98,6 +99,27 @@ def test_ttft_and_itl_match_the_mock_send_timestamps_at_8_streams(
 ) -> None:
     if reader.startswith("task"):  # as if aiohttp's internals had changed: the readany loop
         monkeypatch.setattr(client_module, "stamp_arrivals", lambda connector: None)
+    # 2 ms on a quiet machine; beyond the loop's measured wake-up noise on a loaded one, and
+    # tried again (a bounded number of times) before it counts as failed
+    for attempt in range(ATTEMPTS):
+        ttft_err, itl_err, sink = _errors_at_8_streams(mock, reader)
+        margin = 0.002 + 2 * wake_up_lateness_s()
+        if (
+            0 <= statistics.fmean(ttft_err) < margin
+            and abs(statistics.fmean(itl_err)) < margin
+            and statistics.fmean(abs(e) for e in itl_err) < margin
+        ) or attempt == ATTEMPTS - 1:
+            break
+    assert 0 <= statistics.fmean(ttft_err) < margin
+    assert abs(statistics.fmean(itl_err)) < margin
+    assert statistics.fmean(abs(e) for e in itl_err) < margin
+    # and the figures are the server's, not a constant: jitter shows through
+    assert statistics.pstdev(x for r in sink for x in r.itl()) > 0.0002
+
+
+def _errors_at_8_streams(
+    mock: MockServer, reader: str
+) -> tuple[list[float], list[float], list[RequestRecord]]:
     _, sink = stream(mock, 8, load_loop=reader.startswith("load"))
     assert len(sink) == 8 and all(r.ok for r in sink)
     log = server_log(mock)
@@ -116,11 +138,7 @@ def test_ttft_and_itl_match_the_mock_send_timestamps_at_8_streams(
         measured = rec.itl()
         assert len(measured) == len(server_gaps)
         itl_err.extend(m - s for m, s in zip(measured, server_gaps))
-    assert 0 <= statistics.fmean(ttft_err) < 0.002
-    assert abs(statistics.fmean(itl_err)) < 0.002
-    assert statistics.fmean(abs(e) for e in itl_err) < 0.002
-    # and the figures are the server's, not a constant: jitter shows through
-    assert statistics.pstdev(x for r in sink for x in r.itl()) > 0.0002
+    return ttft_err, itl_err, sink
 
 
 def test_on_the_load_loop_no_chunk_is_stamped_before_it_was_sent(
@@ -260,8 +278,10 @@ def test_chunks_of_four_tokens_give_four_itl_samples_of_a_quarter_gap(mock: Mock
         assert four == [client_gap / 4] * 4
         server_gap = (sent["chunk_ns"][i] - sent["chunk_ns"][i - 1]) / 1e9
         errors.append(four[0] - server_gap / 4)
-    assert 4 * 0.004 * 0.75 / 4 <= statistics.fmean(samples) <= 4 * 0.004 * 1.25 / 4 + 0.001
-    assert statistics.fmean(abs(e) for e in errors) < 0.0005
+    noise = wake_up_lateness_s()
+    assert 4 * 0.004 * 0.75 / 4 <= statistics.fmean(samples) <= 4 * 0.004 * 1.25 / 4 + 0.001 + noise
+    # 0.5 ms on a quiet machine, plus the loop's wake-up noise measured now
+    assert statistics.fmean(abs(e) for e in errors) < 0.0005 + noise
 
 
 class SpyTokenizer:

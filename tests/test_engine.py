@@ -22,6 +22,7 @@ from pytest_llmload.engine import (
     run_load,
 )
 from pytest_llmload.errors import ConfigError
+from tests.timing import ATTEMPTS, wake_up_lateness_s
 
 
 def take(it, n):  # type: ignore[no-untyped-def]
@@ -64,27 +65,12 @@ def run(plan: LoadPlan, job, **kw):  # type: ignore[no-untyped-def]
     return asyncio.run(run_load(plan, job, **kw))
 
 
-def wake_up_lateness_ms(samples: int = 20) -> float:
-    """How late this machine wakes a sleeping event loop right now (the worst of ``samples``
-    short sleeps, in ms): the noise any send-time figure of the engine carries."""
-
-    async def measure() -> float:
-        worst = 0.0
-        for _ in range(samples):
-            t0 = time.perf_counter_ns()
-            await asyncio.sleep(0.005)
-            worst = max(worst, (time.perf_counter_ns() - t0) / 1e6 - 5.0)
-        return worst
-
-    return asyncio.run(measure())
-
-
 def test_open_loop_count_and_timing() -> None:
     # the schedule is exact; the sends are as close to it as the loop's own wake-ups allow:
     # 20 ms beyond the noise measured beside the run, or the run is tried again (3 times at most)
     lags: list[float] = []
     noise = 0.0
-    for _ in range(3):
+    for _ in range(ATTEMPTS):
         seen: list[JobContext] = []
         sent: list[int] = []
 
@@ -102,7 +88,7 @@ def test_open_loop_count_and_timing() -> None:
         gaps = [(b - a) / 1e9 for a, b in itertools.pairwise(intended)]  # type: ignore[operator]
         assert gaps == pytest.approx([0.02] * 19, abs=1e-6)
         lags = [(s - i) / 1e6 for s, i in zip(sent, intended)]  # type: ignore[operator]
-        noise = wake_up_lateness_ms()
+        noise = wake_up_lateness_s() * 1e3
         if max(lags) < 20 + 2 * noise:
             return
     raise AssertionError(f"sends lagged {max(lags):.1f} ms behind the schedule with a loop "

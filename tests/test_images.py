@@ -31,7 +31,7 @@ from pytest_llmload.images import (
 
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any connection attempt during these tests is a bug (the seed script fetched images)."""
+    """Any connection attempt during these tests is a bug: images are made locally, never fetched."""
 
     def refuse(self: socket.socket, address: Any) -> None:
         raise AssertionError(f"images.py tried to connect to {address!r}")
@@ -155,30 +155,24 @@ def test_random_heights_stay_in_range_and_cover_it() -> None:
     assert max(heights) > 1014
 
 
-def test_factory_off_gives_no_images() -> None:
-    factory = ImageFactory(include=False, randomize=True, seed=1)
-    assert factory.next(0) is None
-    assert factory.next(99) is None
-
-
 def test_factory_default_size_and_determinism() -> None:
-    factory = ImageFactory(include=True, randomize=False, seed=9)
+    factory = ImageFactory(randomize=False, seed=9)
     first = factory.next(0)
     assert first is not None
     assert (first.width, first.height) == (1024, 512)
-    assert ImageFactory(include=True, randomize=False, seed=9).next(0) == first
+    assert ImageFactory(randomize=False, seed=9).next(0) == first
     second = factory.next(1)
     assert second is not None and second.data_url != first.data_url
-    other = ImageFactory(include=True, randomize=False, seed=10).next(0)
+    other = ImageFactory(randomize=False, seed=10).next(0)
     assert other is not None and other.data_url != first.data_url
 
 
 def test_factory_randomized_heights() -> None:
-    factory = ImageFactory(include=True, randomize=True, seed=4)
+    factory = ImageFactory(randomize=True, seed=4)
     sizes = [factory.size(i) for i in range(200)]
     assert all(w == 1024 and 100 <= h <= 1024 for w, h in sizes)
     assert len({h for _, h in sizes}) > 50
-    assert sizes == [ImageFactory(include=True, randomize=True, seed=4).size(i) for i in range(200)]
+    assert sizes == [ImageFactory(randomize=True, seed=4).size(i) for i in range(200)]
     for index in (0, 1, 2):
         img = factory.next(index)
         assert img is not None

@@ -23,6 +23,7 @@ from pytest_llmload.engine import Arrival, JobContext, LoadPlan, run_load
 from pytest_llmload.images import GeneratedImage, ImageFactory, ImageFeed, make_image
 from pytest_llmload.mock import MockServer
 from pytest_llmload.session import image_order
+from tests.timing import wake_up_lateness_s
 
 TTFT_S = 0.030
 PREFILL_S_PER_MP = 0.200
@@ -217,7 +218,7 @@ def test_random_heights_reach_the_mock_and_repeat_with_the_seed(
     assert len(set(heights)) > N // 2
     assert min(heights) < 600 < max(heights)
     # the heights are the seed's, request by request
-    factory = ImageFactory(include=True, randomize=True, seed=7)
+    factory = ImageFactory(randomize=True, seed=7)
     assert sorted(heights) == sorted(factory.size(i)[1] for i in range(N))
 
     again = run(7, "r2.json")
@@ -303,18 +304,21 @@ async def test_text(llm):
     mp = [r["image"]["width"] * r["image"]["height"] / 1e6 for r in images]
     ttft = [r["ttft"] for r in images]
     model = [TTFT_S + PREFILL_S_PER_MP * m for m in mp]
+    # the margins: 10 ms (5 ms without images) on a quiet machine, plus the event loop's
+    # wake-up lateness measured now, which every stamped instant carries on a loaded one
+    noise = 2 * wake_up_lateness_s()
     # the client's TTFT includes the mock's: never below the model (1 ms for timer rounding)
     assert min(t - m for t, m in zip(ttft, model)) > -0.001
-    assert statistics.median(t - m for t, m in zip(ttft, model)) < 0.010
+    assert statistics.median(t - m for t, m in zip(ttft, model)) < 0.010 + noise
     # least squares of TTFT on megapixels: the mock's prefill rate and its base TTFT
     mean_mp, mean_t = statistics.fmean(mp), statistics.fmean(ttft)
-    slope = sum((m - mean_mp) * (t - mean_t) for m, t in zip(mp, ttft)) / sum(
-        (m - mean_mp) ** 2 for m in mp
-    )
-    assert slope == pytest.approx(PREFILL_S_PER_MP, rel=0.1)
-    assert mean_t - slope * mean_mp == pytest.approx(TTFT_S, abs=0.010)
+    spread = sum((m - mean_mp) ** 2 for m in mp)
+    slope = sum((m - mean_mp) * (t - mean_t) for m, t in zip(mp, ttft)) / spread
+    slope_noise = noise / (max(mp) - min(mp))  # the noise, as a slope over the range of sizes
+    assert slope == pytest.approx(PREFILL_S_PER_MP, rel=0.1, abs=slope_noise)
+    assert mean_t - slope * mean_mp == pytest.approx(TTFT_S, abs=0.010 + noise)
     # without an image the same mock answers at its base TTFT
-    assert statistics.median(text) == pytest.approx(TTFT_S, abs=0.005)
+    assert statistics.median(text) == pytest.approx(TTFT_S, abs=0.005 + noise)
 
 
 def test_users_own_images_and_remote_urls_offline(
@@ -423,7 +427,7 @@ def test_litellm(llm_endpoint):
 def test_the_feed_has_every_image_ready_in_the_engines_order(plan: LoadPlan) -> None:
     """Every job finds its image made (none on demand, none waited for), whatever the schedule:
     the feed's order is the engine's."""
-    factory = ImageFactory(include=True, randomize=True, seed=11, width=16)
+    factory = ImageFactory(randomize=True, seed=11, width=16)
     order = list(image_order(plan))
     got: dict[int, GeneratedImage | None] = {}
 
@@ -447,7 +451,7 @@ def test_the_feed_has_every_image_ready_in_the_engines_order(plan: LoadPlan) -> 
 
 
 def test_a_short_feed_keeps_making_images_ahead() -> None:
-    factory = ImageFactory(include=True, randomize=False, seed=2, width=8, height=8)
+    factory = ImageFactory(randomize=False, seed=2, width=8, height=8)
 
     async def main() -> tuple[ImageFeed, list[GeneratedImage | None]]:
         feed = ImageFeed(factory, range(50), ahead=4)
@@ -466,11 +470,11 @@ def test_a_short_feed_keeps_making_images_ahead() -> None:
 
 
 def test_the_salt_changes_the_pixels_only() -> None:
-    a = ImageFactory(include=True, randomize=True, seed=5, salt=1)
-    b = ImageFactory(include=True, randomize=True, seed=5, salt=2)
+    a = ImageFactory(randomize=True, seed=5, salt=1)
+    b = ImageFactory(randomize=True, seed=5, salt=2)
     for i in range(5):
         x, y = a.next(i), b.next(i)
         assert x is not None and y is not None
         assert (x.width, x.height) == (y.width, y.height) == a.size(i)
         assert x.data_url != y.data_url
-    assert a.next(0) == ImageFactory(include=True, randomize=True, seed=5, salt=1).next(0)
+    assert a.next(0) == ImageFactory(randomize=True, seed=5, salt=1).next(0)

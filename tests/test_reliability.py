@@ -182,13 +182,13 @@ def test_connection_refused(transport: str) -> None:
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_host_that_does_not_resolve(transport: str) -> None:
-    # .invalid never resolves (RFC 6761): the resolver answers at once, online or not
+    # .invalid never resolves (RFC 6761). How long the resolver takes to say so is the
+    # machine's (up to seconds with a slow resolver): the timeout is far beyond it, and the
+    # error type shows that resolution failed, not that the request waited for its timeout
     endpoint = Endpoint(
         "openai/mock", "http://does-not-exist.invalid:8000/v1", "sk-x", transport=transport
     )
-    t0 = time.monotonic()
-    record, error, sink = one_request(endpoint, timeout=5.0)
-    assert time.monotonic() - t0 < 3.0, "name resolution must fail fast, not wait for a timeout"
+    record, error, sink = one_request(endpoint, timeout=30.0)
     assert error is not None and record.error_type == "dns", record.error
     assert "does-not-exist.invalid" in (record.error or "")
     assert sink == [record]

@@ -182,3 +182,48 @@ def private_uses() -> list[str]:
 
 def test_no_module_uses_another_modules_private_names() -> None:
     assert private_uses() == []
+
+
+def test_tox_reaches_the_integration_tests() -> None:
+    """The default tox envs install no integration extra, so tests/integration skip there: an
+    env of its own must run them, and a plain ``tox`` must include it."""
+    import configparser
+
+    tox = configparser.ConfigParser()
+    tox.read(ROOT.parent / "tox.ini", encoding="utf-8")
+    envlist = [e.strip() for e in tox["tox"]["envlist"].split(",")]
+    assert "integration" in envlist
+    env = tox["testenv:integration"]
+    assert "integration" in [e.strip() for e in env["extras"].split(",")]
+    command = env["commands"].split()
+    assert command[:2] == ["pytest", "tests/integration"]
+    # the extra it installs is declared, and holds what the integration fixtures need
+    pyproject = (ROOT.parent / "pyproject.toml").read_text(encoding="utf-8")
+    assert "integration = [" in pyproject and "transformers[serving]" in pyproject
+
+
+def _user_facing_text() -> dict[Path, str]:
+    repo = ROOT.parent
+    paths = [repo / "README.md", repo / "benchmarks" / "README.md", *sorted((repo / "docs").glob("*.md")),
+             *MODULES.values(), *sorted((repo / "examples").glob("*.py"))]
+    return {p: p.read_text(encoding="utf-8") for p in paths}
+
+
+def test_docs_and_code_stand_on_their_own() -> None:
+    """No pointer to a document that is not in the repository, and no history for an
+    explanation: the README, docs, examples and code say what things do on their own terms."""
+    for path, text in _user_facing_text().items():
+        lowered = text.lower()
+        assert "design.md" not in lowered, path
+        assert "seed script" not in lowered, path
+
+
+def test_readme_links_lead_somewhere() -> None:
+    import re
+
+    repo = ROOT.parent
+    readme = (repo / "README.md").read_text(encoding="utf-8")
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", readme)
+    assert "docs/glossary.md" in links and "docs/architecture.md" in links
+    missing = [link for link in links if "://" not in link and not (repo / link).exists()]
+    assert missing == []

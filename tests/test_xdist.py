@@ -72,7 +72,9 @@ def test_rendezvous_gives_up_after_its_timeout(tmp_path: Path) -> None:
     r = Rendezvous(str(tmp_path), "gw0", 2, timeout=0.2)
     t0 = time.perf_counter_ns()
     start = asyncio.run(r.start_at("t.py::test_a")())
-    assert 0.15e9 < start - t0 < 2e9
+    # it waited its timeout (never less), then started alone at once (the instant it gave up)
+    assert start - t0 >= 0.2e9
+    assert start <= time.perf_counter_ns()
     assert r.unaligned == {"t.py::test_a"}
 
 
@@ -177,26 +179,31 @@ def test_each_splits_the_load_and_the_controller_merges_it(
     gaps = [b - a for a, b in pairwise(intended)]
     assert gaps == pytest.approx([1 / RPS] * (REQUESTS - 1), abs=1e-6)
 
-    # the server saw the configured rate, not one per worker
+    # the server saw the configured rate, not one per worker: the schedule's span, give or take
+    # how late the workers sent (their schedule lag, in the same report)
+    lag = entry["schedule_lag"]
     sent = sorted(r["received_ns"] for r in mock.requests() if r["max_tokens"] == 8)
     assert len(sent) == REQUESTS
-    rate = (len(sent) - 1) / ((sent[-1] - sent[0]) / 1e9)
-    assert RPS * 0.85 < rate < RPS * 1.15, rate
+    span = (sent[-1] - sent[0]) / 1e9
+    assert abs(span - (REQUESTS - 1) / RPS) < lag["max"] + 0.05, (span, lag)
     server_gaps = [(b - a) / 1e9 for a, b in pairwise(sent)]
-    assert 0.8 / RPS < statistics.median(server_gaps) < 1.2 / RPS, server_gaps
+    # one worker's rate would show as gaps of 2/RPS; the merged stream's are 1/RPS
+    assert abs(statistics.median(server_gaps) - 1 / RPS) < 0.2 / RPS + lag["p50"], server_gaps
 
 
 SLO_TESTS = """
 import pytest
 
-LOAD = dict(requests=40, rps=40, arrival="constant", max_tokens=8)
+LOAD = dict(requests=120, rps=40, arrival="constant", max_tokens=8)
 
-# Each worker achieves about 20 req/s, the two together about 40.
-@pytest.mark.llm_load(**LOAD, slo=["request_throughput<30"])
+# Each worker sends 20 req/s, so it achieves at most 20; the two together about 36 (120 requests
+# over 3 s of schedule and the last request's time). 25 lies between with room for a loaded
+# machine: the merged figure stays above it unless the window stretches by 1.4 s.
+@pytest.mark.llm_load(**LOAD, slo=["request_throughput<25"])
 def test_fails_merged(llm):
     assert llm.stream("Tell me a story.").text
 
-@pytest.mark.llm_load(**LOAD, slo=["request_throughput>30"])
+@pytest.mark.llm_load(**LOAD, slo=["request_throughput>25"])
 def test_passes_merged(llm):
     assert llm.stream("Tell me a story.").text
 """
@@ -215,7 +222,7 @@ def test_slo_is_gated_on_the_merged_figures(pytester: pytest.Pytester, mock: Moc
     result.stdout.fnmatch_lines([
         "*SLOs checked on the figures merged from the workers*",
         "FAILED test_slo.py::test_fails_merged",
-        "*SLO failed: request_throughput = * > 30 req/s (n=40)*",
+        "*SLO failed: request_throughput = * > 25 req/s (n=120)*",
         "*4 passed*1 failed on merged SLOs*",
     ])
     assert "FAILED test_slo.py::test_passes_merged" not in out
@@ -225,11 +232,13 @@ def test_slo_is_gated_on_the_merged_figures(pytester: pytest.Pytester, mock: Moc
 XFAIL_TESTS = """
 import pytest
 
-LOAD = dict(requests=40, rps=40, arrival="constant", max_tokens=8)
+LOAD = dict(requests=120, rps=40, arrival="constant", max_tokens=8)
 
-# Each worker achieves about 20 req/s, the two together about 40.
+# Each worker sends 20 req/s, so it achieves at most 20; the two together about 36 (120 requests
+# over 3 s of schedule and the last request's time). 25 lies between with room for a loaded
+# machine: the merged figure stays above it unless the window stretches by 1.4 s.
 @pytest.mark.xfail(reason="the endpoint is too slow for now")
-@pytest.mark.llm_load(**LOAD, slo=["request_throughput<30"])
+@pytest.mark.llm_load(**LOAD, slo=["request_throughput<25"])
 def test_known_slow(llm):
     assert llm.stream("Tell me a story.").text
 """
@@ -242,7 +251,7 @@ def test_an_xfail_load_test_failing_its_merged_slo_is_an_expected_failure(
     """Without xdist the test is xfailed; under --dist each the SLO fails on the merged figures
     only, which must not fail the run either."""
     pytester.makepyfile(test_xfail=XFAIL_TESTS.replace(
-        "request_throughput<30", "request_throughput<30" if dist else "request_throughput<15"))
+        "request_throughput<25", "request_throughput<25" if dist else "request_throughput<15"))
     result = pytester.runpytest(
         *dist, "-p", "no:cacheprovider", "--llm-model", "openai/mock",
         "--llm-api-base", mock.base_url,
@@ -254,7 +263,7 @@ def test_an_xfail_load_test_failing_its_merged_slo_is_an_expected_failure(
         result.stdout.fnmatch_lines([
             ("*test_xfail.py::test_known_slow failed on the figures merged from the "
              "workers, as expected (xfail: the endpoint is too slow for now)*"),
-            "*SLO failed: request_throughput = * > 30 req/s (n=40)*",
+            "*SLO failed: request_throughput = * > 25 req/s (n=120)*",
             "*1 xfailed on merged SLOs*",
         ])
     else:
