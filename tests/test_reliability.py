@@ -36,6 +36,7 @@ from pytest_llmload.mock import FAULTS, MockServer
 from pytest_llmload.options import BY_KEY, LOAD_KEYS, OPTIONS
 from pytest_llmload.pytest_options import output_path
 from pytest_llmload.records import RequestRecord
+from tests.timing import wake_up_lateness_s
 
 TRANSPORTS = ("sse", "litellm")
 #: A per-request timeout well under the mock's stall, so ``stall`` is a timeout.
@@ -146,13 +147,14 @@ def test_fault_is_one_failed_request(mock: MockServer, fault: str, transport: st
     expected = EXPECTED[fault][transport]
     since = last_id(mock)
     endpoint = Endpoint("openai/mock", mock.base_url, "sk-unused", transport=transport)
-    t0 = time.monotonic()
     record, error, sink = one_request(endpoint, fault=fault)
-    elapsed = time.monotonic() - t0
 
     assert sink == [record], "every request leaves exactly one record"
     assert record.transport == transport
-    assert elapsed < TIMEOUT + 2.0
+    # the request itself (send to end, not the process's warm-up or imports) ends within its
+    # timeout, give or take how late this machine's event loop wakes right now
+    took = ((record.end_ns or 0) - record.start_ns) / 1e9
+    assert took < TIMEOUT + 1.0 + 2 * wake_up_lateness_s(), took
     if expected is None:
         assert error is None and record.ok, record.error
         assert record.output_tokens == 8
@@ -172,9 +174,8 @@ def test_fault_is_one_failed_request(mock: MockServer, fault: str, transport: st
 def test_connection_refused(transport: str) -> None:
     port = free_port()
     endpoint = Endpoint("openai/mock", f"http://127.0.0.1:{port}/v1", "sk-x", transport=transport)
-    t0 = time.monotonic()
-    record, error, sink = one_request(endpoint, timeout=5.0)
-    assert time.monotonic() - t0 < 3.0
+    # the error type shows the refusal was seen, not that the request waited for its timeout
+    record, error, sink = one_request(endpoint, timeout=30.0)
     assert error is not None and record.error_type == "connect", record.error
     assert f"127.0.0.1:{port}" in (record.error or "")
     assert sink == [record]
