@@ -212,7 +212,7 @@ def quantile_bound(
 METHOD_CLUSTERED = "clustered by request"
 
 
-def _z(p: float, df: int | None = None) -> float:
+def z_score(p: float, df: int | None = None) -> float:
     """The standard normal's ``p``-quantile; with ``df``, Student's t (Cornish-Fisher, close to
     the exact value from 5 degrees of freedom on)."""
     from statistics import NormalDist
@@ -224,7 +224,7 @@ def _z(p: float, df: int | None = None) -> float:
 
 
 @dataclass(frozen=True)
-class _Clustered:
+class Clustered:
     """Pooled samples with their requests: sorted once, shared by every interval on them."""
 
     sorted_values: FloatArray
@@ -233,7 +233,7 @@ class _Clustered:
     lengths: IntArray
 
     @classmethod
-    def of(cls, values: npt.ArrayLike, lengths: npt.ArrayLike | None) -> _Clustered:
+    def of(cls, values: npt.ArrayLike, lengths: npt.ArrayLike | None) -> Clustered:
         vals = np.asarray(values, dtype=np.float64).ravel()
         lens = (
             np.ones(vals.size, dtype=np.int64)
@@ -272,7 +272,7 @@ class _Clustered:
 
 
 def _clustered_quantile(
-    data: _Clustered, q: float, confidence: float, sides: tuple[Side, ...]
+    data: Clustered, q: float, confidence: float, sides: tuple[Side, ...]
 ) -> list[float | None]:
     se = data.rank_se(q)
     r = data.lengths.size
@@ -281,7 +281,7 @@ def _clustered_quantile(
         if not math.isfinite(se):
             out.append(None)
             continue
-        z = _z(confidence, r - 1)
+        z = z_score(confidence, r - 1)
         out.append(data.at(q + z * se if side == "upper" else q - z * se, side))
     return out
 
@@ -308,7 +308,7 @@ def clustered_quantile_intervals(
 ) -> list[Interval]:
     """:func:`clustered_quantile_interval` for several quantiles, sorting the samples once."""
     c = check_confidence(confidence)
-    data = _Clustered.of(values, lengths)
+    data = Clustered.of(values, lengths)
     out = []
     for q in qs:
         lo, hi = _clustered_quantile(data, _check_q(q), (1 + c) / 2, ("lower", "upper"))
@@ -325,7 +325,7 @@ def clustered_quantile_bound(
 ) -> float | None:
     """One-sided bound of :func:`clustered_quantile_interval`'s kind."""
     q, c = _check_q(q), check_confidence(confidence)
-    return _clustered_quantile(_Clustered.of(values, lengths), q, c, (side,))[0]
+    return _clustered_quantile(Clustered.of(values, lengths), q, c, (side,))[0]
 
 
 def mean_interval(
@@ -367,7 +367,7 @@ def _mean_bounds(
     mean = float(sums.sum() / n)
     resid = sums - mean * lens
     se = math.sqrt(float(resid @ resid) * r / (r - 1)) / n
-    half = _z(one_sided, r - 1) * se
+    half = z_score(one_sided, r - 1) * se
     return mean - half, mean + half
 
 

@@ -185,12 +185,12 @@ class Stats:
         if not self.clustered:
             return iv.min_samples(q, confidence, s)
         room = (1.0 - q) if s == "upper" else q
-        data = iv._Clustered.of(self._raw, self._lengths)
+        data = iv.Clustered.of(self._raw, self._lengths)
         se = data.rank_se(q)
         r = self.requests
         if room <= 0 or not math.isfinite(se) or se == 0:
             return max(2, iv.min_samples(q, confidence, s))
-        z = iv._z(confidence)
+        z = iv.z_score(confidence)
         return max(r + 1, math.ceil(r * (z * se / room) ** 2))
 
     def as_dict(self, confidence: float | None = None) -> dict[str, Any]:

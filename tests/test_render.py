@@ -233,8 +233,10 @@ class _Cells(HTMLParser):
 def _close(shown: str, value: float, scale: float = 1.0) -> None:
     """``shown`` (a number as printed, e.g. '207', '20.8', '0.207') is ``value * scale``
     rounded to the digits shown."""
-    number = float(shown)
-    digits = len(shown.split(".")[1]) if "." in shown else 0
+    # a figure may carry its confidence interval after it ('15.9 [15.6, 16.3]'): the figure first
+    figure = shown.split(" [", 1)[0]
+    number = float(figure)
+    digits = len(figure.split(".")[1]) if "." in figure else 0
     assert abs(number - value * scale) <= 0.5 * 10 ** -digits + 1e-9, (shown, value)
 
 
