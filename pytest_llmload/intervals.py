@@ -212,6 +212,25 @@ def quantile_bound(
 METHOD_CLUSTERED = "clustered by request"
 
 
+def samples_by_request(
+    values: npt.ArrayLike, lengths: npt.ArrayLike | None
+) -> tuple[FloatArray, IntArray]:
+    """The samples as one float array and how many each request gave (one each when ``lengths``
+    is None); lengths must be non-negative and add up to the number of samples."""
+    vals = np.asarray(values, dtype=np.float64).ravel()
+    lens = (
+        np.ones(vals.size, dtype=np.int64)
+        if lengths is None
+        else np.asarray(lengths, dtype=np.int64).ravel()
+    )
+    if int(lens.sum()) != vals.size or bool((lens < 0).any()):
+        raise ValueError(
+            f"lengths must be non-negative and sum to the number of values ({vals.size}), "
+            f"got a sum of {int(lens.sum())}"
+        )
+    return vals, lens
+
+
 def z_score(p: float, df: int | None = None) -> float:
     """The standard normal's ``p``-quantile; with ``df``, Student's t (Cornish-Fisher, close to
     the exact value from 5 degrees of freedom on)."""
@@ -234,17 +253,7 @@ class Clustered:
 
     @classmethod
     def of(cls, values: npt.ArrayLike, lengths: npt.ArrayLike | None) -> Clustered:
-        vals = np.asarray(values, dtype=np.float64).ravel()
-        lens = (
-            np.ones(vals.size, dtype=np.int64)
-            if lengths is None
-            else np.asarray(lengths, dtype=np.int64).ravel()
-        )
-        if int(lens.sum()) != vals.size or bool((lens < 0).any()):
-            raise ValueError(
-                f"lengths must be non-negative and sum to the number of values ({vals.size}), "
-                f"got a sum of {int(lens.sum())}"
-            )
+        vals, lens = samples_by_request(values, lengths)
         return cls(np.sort(vals), vals, _request_ids(lens), lens)
 
     def rank_se(self, q: float) -> float:
@@ -478,17 +487,7 @@ def bootstrap_requests(
     replicate that drew no sample. Same ``seed``, same replicates."""
     many = isinstance(statistic, list | tuple)
     stats: list[Statistic] = list(statistic) if many else [statistic]  # type: ignore[arg-type]
-    vals = np.asarray(values, dtype=np.float64).ravel()
-    lens = (
-        np.ones(vals.size, dtype=np.int64)
-        if lengths is None
-        else np.asarray(lengths, dtype=np.int64).ravel()
-    )
-    if int(lens.sum()) != vals.size or bool((lens < 0).any()):
-        raise ValueError(
-            f"lengths must be non-negative and sum to the number of values ({vals.size}), "
-            f"got a sum of {int(lens.sum())}"
-        )
+    vals, lens = samples_by_request(values, lengths)
     if n_boot < 1:
         raise ValueError(f"n_boot must be at least 1, got {n_boot!r}")
     out = np.full((len(stats), n_boot), np.nan)
